@@ -1,0 +1,1 @@
+"""ardiff: the `ardiff` console script and its subcommands (sample, eval, convert-ckpt)."""

@@ -1,0 +1,286 @@
+"""Training logic shared by every generator: optimizer, lr schedule, EMA, non-finite loss policy,
+fine-tune initialisation, FSDP2 sharding, and the standard training logs.
+
+A subclass builds `self.net` (the trained `nn.Module`), calls `self.init_ema()`, and implements
+`compute_loss(batch) -> (loss, logs)` and `sample_images(labels, generator)` (see docs/CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from models.checkpoint import CheckpointError, LoadReport, extract_state_dict, load_state_dict_strict, safe_torch_load
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised (on every rank) when the loss is NaN/inf and `nan_policy="stop"`."""
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    schedule: str,
+    total_steps: int,
+    decay_start_step: int = 0,
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    constant: linear warmup from 0, then 1 (MAR/TransDiff default, D-AR tokenizer).
+    cosine:   linear warmup, then half-cosine from 1 to `min_lr_ratio` at `total_steps` (MAR `--lr_schedule cosine`).
+    linear:   1 until `decay_start_step`, then linear to `min_lr_ratio` at `total_steps` (D-AR GPT: 300K -> 360K).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        if step < decay_start_step:
+            return 1.0
+        span = max(1, total_steps - decay_start_step)
+        progress = min(1.0, (step - decay_start_step) / span)
+        return 1.0 + (min_lr_ratio - 1.0) * progress
+    raise ValueError(f"unknown lr schedule {schedule!r}: use constant, cosine or linear")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class GenerativeModule(L.LightningModule):
+    """Base LightningModule of every ardiff generator.
+
+    Args:
+        lr: peak learning rate (used when `blr` is None).
+        blr: base lr; when set, lr = blr * global_batch / 256 (the MAR/TransDiff rule).
+        weight_decay: AdamW weight decay, applied to the parameters `no_weight_decay` does not exclude.
+        betas, eps: AdamW.
+        warmup_steps: linear warmup length in optimizer steps.
+        lr_schedule: "constant" | "cosine" | "linear" (see `lr_factor`).
+        decay_start_step: start of the linear decay window.
+        total_steps: end of the decay window; None = the trainer's estimated stepping batches.
+        min_lr: lr at the end of a cosine/linear schedule.
+        ema_decay: EMA decay per optimizer step; None disables EMA.
+        ema_start_step: before this step the EMA tracks the weights exactly.
+        nan_policy: "stop" raises on a non-finite loss before anything is updated; "skip" drops that batch
+            (no backward, no optimizer or EMA step). Decided jointly across ranks.
+        init_from: checkpoint to initialise the weights from when a run starts (fine-tuning): an ardiff
+            Lightning checkpoint or an official one. Ignored when Lightning resumes from `ckpt_path`.
+        init_use_ema: take the EMA weights of `init_from` when it has them.
+        init_strict: require an exact key/shape match; False loads what fits and reports the rest.
+        compile: `torch.compile` the trained network.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        blr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
+        decay_start_step: int = 0,
+        total_steps: int | None = None,
+        min_lr: float = 0.0,
+        ema_decay: float | None = 0.9999,
+        ema_start_step: int = 0,
+        nan_policy: Literal["stop", "skip"] = "stop",
+        init_from: str | None = None,
+        init_use_ema: bool = True,
+        init_strict: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lr, self.blr, self.weight_decay, self.betas, self.eps = lr, blr, weight_decay, tuple(betas), eps
+        self.warmup_steps, self.lr_schedule, self.decay_start_step = warmup_steps, lr_schedule, decay_start_step
+        self.total_steps, self.min_lr = total_steps, min_lr
+        self.ema_decay, self.ema_start_step = ema_decay, ema_start_step
+        self.nan_policy, self.compile_net = nan_policy, compile
+        self.init_from, self.init_use_ema, self.init_strict = init_from, init_use_ema, init_strict
+        self.init_report: LoadReport | None = None
+        self.net: nn.Module
+        self.ema_net: nn.Module | None = None
+        self._tput_time: float | None = None
+        self._tput_images = 0
+
+    # ------------------------------------------------------------------ subclass API
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar training loss and extra scalars to log (under `train/`)."""
+        raise NotImplementedError
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """True for parameters kept out of weight decay (default: biases and 1-D tensors such as norms)."""
+        return param.ndim < 2 or name.endswith(".bias")
+
+    def fsdp_blocks(self, net: nn.Module) -> list[nn.Module]:
+        """The sub-modules that FSDP2 shards one by one: every element of every `nn.ModuleList` in `net`."""
+        return [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+
+    # ------------------------------------------------------------------ EMA
+    def init_ema(self) -> None:
+        """Create the EMA copy of `self.net` (call at the end of the subclass `__init__`)."""
+        if self.ema_decay is not None:
+            self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema_net is None:
+            return
+        decay = 0.0 if self.global_step <= self.ema_start_step else self.ema_decay
+        ema = [_local(p) for p in self.ema_net.parameters()]
+        new = [_local(p.detach()) for p in self.net.parameters()]
+        torch._foreach_lerp_(ema, new, 1.0 - decay)
+
+    @contextmanager
+    def sampling(self) -> Iterator[nn.Module]:
+        """The network to sample with (the EMA copy when there is one), in eval mode for the duration."""
+        net = self.ema_net if self.ema_net is not None else self.net
+        was_training = net.training
+        net.eval()
+        try:
+            yield net
+        finally:
+            net.train(was_training)
+
+    # ------------------------------------------------------------------ fine-tuning
+    def load_init_weights(self, path: str) -> LoadReport:
+        """Initialise `net` (and the EMA) from an ardiff or official checkpoint; returns what was loaded."""
+        ckpt = safe_torch_load(path)
+        if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
+            full = ckpt["state_dict"]
+            prefix = "ema_net." if self.init_use_ema and any(k.startswith("ema_net.") for k in full) else "net."
+            sd = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            if not sd:
+                raise CheckpointError(f"{path}: no '{prefix}*' weights in this Lightning checkpoint")
+        else:
+            prefer = ("model_ema", "ema", "model", "state_dict") if self.init_use_ema else ("model", "state_dict")
+            sd = extract_state_dict(ckpt, prefer)
+        report = load_state_dict_strict(self.net, sd, source=path, strict=self.init_strict)
+        if self.ema_net is not None:
+            self.ema_net.load_state_dict(self.net.state_dict())
+        return report
+
+    def setup(self, stage: str) -> None:
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.init_from and not resuming and self.init_report is None:
+            self.init_report = self.load_init_weights(self.init_from)
+            rank_zero_info(f"[ardiff] initialised from {self.init_from}:\n{self.init_report.describe()}")
+
+    # ------------------------------------------------------------------ sharding / compile
+    def configure_model(self) -> None:
+        """Apply FSDP2 `fully_shard` per block (under `ModelParallelStrategy`), then optionally compile."""
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            dp_mesh = self.device_mesh["data_parallel"]
+            for net in (self.net, self.ema_net):
+                if net is None:
+                    continue
+                for block in self.fsdp_blocks(net):
+                    fully_shard(block, mesh=dp_mesh)
+                fully_shard(net, mesh=dp_mesh)
+            self._sharded = True
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    # ------------------------------------------------------------------ optimisation
+    def peak_lr(self) -> float:
+        if self.blr is None:
+            return self.lr
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = getattr(dm, "batch_size", None)
+        if batch is None:
+            raise ValueError("blr needs the datamodule's batch_size to compute lr = blr * global_batch / 256")
+        global_batch = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.blr * global_batch / 256
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.no_weight_decay(name, p) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        lr = self.peak_lr()
+        params = decay + no_decay
+        sharded = any(hasattr(p, "to_local") for p in params)
+        fused = not sharded and all(p.device.type in ("cuda", "cpu") for p in params)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps, fused=fused)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        min_ratio = self.min_lr / lr if lr > 0 else 0.0
+
+        def factor(step: int) -> float:
+            return lr_factor(step, self.warmup_steps, self.lr_schedule, total, self.decay_start_step, min_ratio)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training loop hooks
+    def batch_size_of(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["label"].shape[0])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        loss, logs = self.compute_loss(batch)
+        bad = torch.logical_not(torch.isfinite(loss.detach()))
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            msg = (
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch "
+                f"{self.current_epoch}; weights, optimizer and EMA were not updated with it."
+            )
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    msg + " Lower the lr, check the data, or set model.init_args.nan_policy=skip to drop such batches."
+                )
+            rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
+            self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
+            return None
+        n = self.batch_size_of(batch)
+        self._tput_images += n
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value.detach() if isinstance(value, Tensor) else value, batch_size=n)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._should_log():
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", _local(norm) if not hasattr(norm, "full_tensor") else norm.full_tensor())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._should_log():
+            return
+        now = time.perf_counter()
+        if self._tput_time is not None and now > self._tput_time:
+            ips = self._tput_images * self.trainer.world_size / (now - self._tput_time)
+            self.log("train/images_per_sec", ips)
+        self._tput_time, self._tput_images = now, 0
+
+    def _should_log(self) -> bool:
+        return self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0
