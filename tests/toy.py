@@ -70,3 +70,17 @@ class ToyData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ToyImages(self.n, self.num_classes, self.image_size), batch_size=self.batch_size)
+
+
+def toy_dataset() -> ToyImages:
+    """Distinct images per sample index, so every slice of a batch matters."""
+    ds = ToyImages(n=64)
+    g = torch.Generator().manual_seed(1)
+    ds.images = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    ds.__class__ = _PerSampleImages
+    return ds
+
+
+class _PerSampleImages(ToyImages):
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
