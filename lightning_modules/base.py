@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -55,6 +58,27 @@ def lr_factor(
         progress = min(1.0, (step - decay_start_step) / span)
         return 1.0 + (min_lr_ratio - 1.0) * progress
     raise ValueError(f"unknown lr schedule {schedule!r}: use constant, cosine or linear")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, python) as checkpoint-safe tensors and ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _local(t: Tensor) -> Tensor:
@@ -118,6 +142,7 @@ class GenerativeModule(L.LightningModule):
         self.ema_net: nn.Module | None = None
         self._tput_time: float | None = None
         self._tput_images = 0
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -181,6 +206,35 @@ class GenerativeModule(L.LightningModule):
         if stage == "fit" and self.init_from and not resuming and self.init_report is None:
             self.init_report = self.load_init_weights(self.init_from)
             rank_zero_info(f"[ardiff] initialised from {self.init_from}:\n{self.init_report.describe()}")
+
+    # ------------------------------------------------------------------ RNG: decorrelated ranks, exact resume
+    def on_fit_start(self) -> None:
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None and self.trainer.world_size > 1:
+            # every rank draws its own diffusion noise / timesteps / dropout (MAR seeds `seed + rank` too)
+            torch.manual_seed(int(seed) + self.global_rank)
+            np.random.seed((int(seed) + self.global_rank) % 2**32)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["ardiff_rng"] = states  # one entry per rank
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("ardiff_rng")
+        if states:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._rng_to_restore = states[rank % len(states)]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, after the data iterator exists, so the next training step draws what it would have drawn
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ------------------------------------------------------------------ sharding / compile
     def configure_model(self) -> None:

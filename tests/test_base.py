@@ -59,10 +59,10 @@ def test_ema_follows_the_formula(tmp_path):
     assert any(not torch.equal(b, a) for b, a in zip(before, model.ema_net.parameters(), strict=True))
 
 
-def test_resume_continues_step_schedule_and_ema(tmp_path):
+def test_resume_continues_step_schedule_ema_and_rng(tmp_path):
     def run(steps: int, ckpt: str | None = None, save: str | None = None) -> ToyGenerator:
         torch.manual_seed(0)
-        m = ToyGenerator(lr=1e-2, warmup_steps=4, ema_decay=0.5, lr_schedule="cosine", total_steps=8)
+        m = ToyGenerator(lr=1e-2, warmup_steps=4, ema_decay=0.5, lr_schedule="cosine", total_steps=8, noise_std=0.5)
         t = _trainer(tmp_path, steps)
         t.fit(m, ToyData(), ckpt_path=ckpt)
         if save:
@@ -124,3 +124,24 @@ def test_blr_scales_with_global_batch(tmp_path):
     _trainer(tmp_path, 1, accumulate_grad_batches=2).fit(model, ToyData(batch_size=8))
     assert model.peak_lr() == pytest.approx(1e-4 * 16 / 256)
     assert not math.isnan(model.peak_lr())
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from lightning_modules.base import rng_state, set_rng_state
+    from models.checkpoint import safe_torch_load
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    path = tmp_path / "rng.pt"
+    torch.save({"ardiff_rng": [rng_state()]}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(safe_torch_load(path)["ardiff_rng"][0])  # loads with weights_only: no pickled numpy objects
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]

@@ -28,15 +28,24 @@ class ToyNet(nn.Module):
 class ToyGenerator(GenerativeModule):
     """Regresses a class-dependent target image; samples = net(label, noise)."""
 
-    def __init__(self, num_classes: int = 4, dim: int = 16, image_size: int = 8, poison_step: int = -1, **kwargs):
+    def __init__(
+        self,
+        num_classes: int = 4,
+        dim: int = 16,
+        image_size: int = 8,
+        poison_step: int = -1,
+        noise_std: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.num_classes, self.image_size, self.dim, self.poison_step = num_classes, image_size, dim, poison_step
+        self.noise_std = noise_std
         self.net = ToyNet(num_classes, dim, image_size)
         self.init_ema()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        noise = torch.zeros(batch["label"].shape[0], self.dim)
+        noise = self.noise_std * torch.randn(batch["label"].shape[0], self.dim)  # global RNG, like dropout
         pred = self.net(batch["label"], noise)
         loss = (pred - batch["image"]).pow(2).mean()
         if self.global_step == self.poison_step:
