@@ -330,6 +330,9 @@ class GenerativeModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._should_log():
             return
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "num_skipped", None)
+        if skipped is not None:  # corrupt samples / shards skipped by the data pipeline so far
+            self.log("data/skipped_samples", float(skipped))
         now = time.perf_counter()
         if self._tput_time is not None and now > self._tput_time:
             ips = self._tput_images * self.trainer.world_size / (now - self._tput_time)
