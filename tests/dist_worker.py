@@ -2,7 +2,10 @@
 
 Every run sees the same global batches: global batch i holds samples [i*G, (i+1)*G), and rank r of W takes the
 r-th contiguous slice of it. So a W-process run and a single-process run with the same global batch G must give
-the same losses and weights (to float tolerance). Rank 0 saves {"losses", "state", "global_step"} to --out.
+the same losses and weights (to float tolerance). Stochastic losses (diffusion noise and timesteps, dropout) are
+made comparable by seeding the RNG per (step, slice): rank r draws with seed (step, r), and the single-process
+run computes its global-batch loss as the mean over the same W slices, each drawn with the same seed.
+Rank 0 saves {"losses", "state", "global_step"} to --out.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import json
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_modules.strategies import FSDP2Strategy
 
 
 class GlobalBatchSlices(Sampler[int]):
@@ -60,6 +64,26 @@ class RecordLoss(L.Callback):
         self.losses.append(float(loss))
 
 
+def seeded_slices(cls: type, slices: int) -> type:
+    """`cls` whose loss is the mean over `slices` equal slices of the batch, slice j drawn with RNG seed
+    (step, slice id). Under W ranks each rank is one slice (id = its rank); in one process all W slices."""
+
+    class Seeded(cls):
+        def compute_loss(self, batch):
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            n = slices // world  # slices handled by this process
+            size = batch["label"].shape[0] // n
+            losses = []
+            for j in range(n):
+                torch.manual_seed(1_000 * self.global_step + rank * n + j)
+                part = {k: v[j * size : (j + 1) * size] for k, v in batch.items()}
+                losses.append(super().compute_loss(part)[0])
+            return torch.stack(losses).mean(), {}
+
+    Seeded.__name__ = Seeded.__qualname__ = f"Seeded{cls.__name__}"
+    return Seeded
+
+
 def _load(spec: str):
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
@@ -79,13 +103,13 @@ def main() -> None:
     a = p.parse_args()
 
     torch.manual_seed(0)
-    model = _load(a.module)(**json.loads(a.kwargs))
+    model = seeded_slices(_load(a.module), slices=2)(**json.loads(a.kwargs))
     if a.strategy == "single":
         strategy, devices = "auto", 1
     elif a.strategy == "ddp":
         strategy, devices = "ddp", 2
     else:
-        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+        strategy, devices = FSDP2Strategy(), 2
     rec = RecordLoss()
     trainer = L.Trainer(
         max_steps=a.steps,

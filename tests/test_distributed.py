@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (module, init kwargs, dataset factory): every generator of the project is checked the same way.
 MODELS = {
-    "toy": ("tests.toy:ToyGenerator", {"lr": 1e-2, "ema_decay": 0.5}, "tests.toy:toy_dataset"),
+    "toy": ("tests.toy:ToyGenerator", {"lr": 1e-2, "ema_decay": 0.5, "noise_std": 0.5}, "tests.toy:toy_dataset"),
+    "transdiff_tiny": (
+        "lightning_modules.transdiff:TransDiffModule",
+        {"arch": "tiny", "vae": "identity", "lr": 1e-3, "ema_decay": 0.9},
+        "tests.toy:RandomImages",
+    ),
 }
 
 

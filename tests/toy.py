@@ -93,3 +93,18 @@ def toy_dataset() -> ToyImages:
 class _PerSampleImages(ToyImages):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"image": self.images[i], "label": self.labels[i]}
+
+
+class RandomImages(Dataset):
+    """Random images in [-1, 1] with labels, for training the real tiny models a few steps."""
+
+    def __init__(self, n: int = 64, num_classes: int = 10, image_size: int = 32) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.images = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
+        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}

@@ -1,0 +1,38 @@
+"""FSDP2 for ardiff: Lightning's `ModelParallelStrategy` with pure data-parallel defaults.
+
+`ModelParallelStrategy` defaults to data_parallel_size = number of nodes and tensor_parallel_size = GPUs per node.
+ardiff shards with FSDP2 only (`GenerativeModule.configure_model` applies `fully_shard` per block on the
+data-parallel mesh), so those defaults would give every GPU of a node the same data. Here "auto" means the whole
+world is data parallel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`fully_shard` per transformer block) over all ranks; runs on GPUs (nccl) and on CPU (gloo)."""
+
+    strategy_name = "ardiff_fsdp2"
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
+        super().setup_environment()
