@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from models.checkpoint import check_checkpoint_file
+
 # "command words" -> "module:function"; each function is `main(argv: list[str]) -> int` with its own argparse.
 SUBCOMMANDS: dict[tuple[str, ...], str] = {
     ("data", "write-shards"): "datamodules.shards:main",
@@ -30,7 +32,15 @@ SUBCOMMANDS: dict[tuple[str, ...], str] = {
 
 
 class ArdiffCLI(LightningCLI):
-    """LightningCLI in subclass mode; prints where logs and checkpoints went after `fit`."""
+    """LightningCLI in subclass mode; checks a resume checkpoint up front, prints where logs and checkpoints went."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the resume checkpoint's hyperparameters while parsing: check the file first, so a
+        # cut-off file gets a clear message instead of a zip-reader error
+        ckpt = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt and ckpt not in ("last", "hpc", "best", "registry"):
+            check_checkpoint_file(ckpt)
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -50,13 +50,15 @@ _STAND_INS = [_stand_in("config_util", "Config"), _stand_in("utils.config_util",
 _SAFE_CLASSES = [argparse.Namespace]
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
-    """Load a `torch.save` file without executing arbitrary code.
-
-    Tensors, containers, numbers, `argparse.Namespace` and the official `config_util.Config` (as a
-    `PickledObject`) are allowed; any other global is refused with an error naming it.
-    """
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Fail early, naming the file, if `path` is missing, empty, cut off, or an incomplete distributed checkpoint."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # a distributed (FSDP2) checkpoint folder
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(
+                f"distributed checkpoint {path!r} has no '.metadata' file: it was not finished; use an earlier one"
+            )
+        return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path, or the ckpt/init_from setting)")
     if os.path.getsize(path) == 0:
@@ -65,6 +67,16 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"checkpoint {path!r} is truncated or not a torch.save file (no zip directory); use an earlier one"
         )
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """Load a `torch.save` file without executing arbitrary code.
+
+    Tensors, containers, numbers, `argparse.Namespace` and the official `config_util.Config` (as a
+    `PickledObject`) are allowed; any other global is refused with an error naming it.
+    """
+    path = os.fspath(path)
+    check_checkpoint_file(path)
     try:
         with torch.serialization.safe_globals([*_STAND_INS, *_SAFE_CLASSES]):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -130,7 +130,9 @@ def main() -> None:
     def full(t: torch.Tensor) -> torch.Tensor:
         return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    state = {k: full(v).detach().float().clone() for k, v in model.state_dict().items() if k.startswith("net.")}
+    state = {
+        k: full(v).detach().float().clone() for k, v in model.state_dict().items() if k.startswith(("net.", "ema_net."))
+    }
     if trainer.global_rank == 0:
         torch.save({"losses": rec.losses, "state": state, "global_step": trainer.global_step}, a.out)
 

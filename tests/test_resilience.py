@@ -107,6 +107,18 @@ def test_truncated_checkpoint_is_reported_on_resume(tmp_path, demo_root):
     assert f"checkpoint {str(ckpt)!r} is truncated" in proc.stderr
 
 
+def test_truncated_resume_checkpoint_is_reported_before_training(tmp_path, demo_root):
+    cfg = demo_config(tmp_path, demo_root, "trunc_resume", 2)
+    ckpt = tmp_path / "cut_resume.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    proc = subprocess.run(
+        [*CLI, "fit", "-c", str(cfg), "--ckpt_path", str(ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert f"checkpoint {str(ckpt)!r} is truncated" in proc.stderr
+
+
 def test_incompatible_checkpoint_names_the_mismatched_tensors(tmp_path, demo_root):
     cfg = demo_config(tmp_path, demo_root, "incompat", 1)
     from lightning_modules.transdiff import TransDiffModule
