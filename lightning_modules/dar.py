@@ -187,6 +187,10 @@ class DARTokenizerModule(GenerativeModule):
         self.weight_paths = {"vgg": lpips_vgg_path, "lin": lpips_lin_path, "repa": repa_weights_path}
         self.loss_nets: dict[str, nn.Module] = {}  # frozen; kept out of the module tree (not in checkpoints)
         self.net = DARTokenizer(self.cfg)
+        if repa_weight == 0:
+            # the REPA projector stays in the state dict (official key layout) but gets no gradient without REPA:
+            # freeze it, so the optimizer skips it and DDP does not wait for its gradients
+            self.net.diff_decoder.net.repa_out.requires_grad_(False)
         self.init_ema()
 
     def setup(self, stage: str) -> None:

@@ -130,9 +130,9 @@ def main() -> None:
     def full(t: torch.Tensor) -> torch.Tensor:
         return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    state = {
-        k: full(v).detach().float().clone() for k, v in model.state_dict().items() if k.startswith(("net.", "ema_net."))
-    }
+    # trained weights and their EMA; statistics buffers (e.g. codebook usage counts) are per-rank by design
+    params = {name for name, _ in model.named_parameters()}
+    state = {k: full(v).detach().float().clone() for k, v in model.state_dict().items() if k in params}
     if trainer.global_rank == 0:
         torch.save({"losses": rec.losses, "state": state, "global_step": trainer.global_step}, a.out)
 

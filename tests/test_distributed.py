@@ -20,6 +20,16 @@ MODELS = {
         {"arch": "tiny", "vae": "identity", "lr": 1e-3, "ema_decay": 0.9},
         "tests.toy:RandomImages",
     ),
+    "dar_tokenizer_tiny": (
+        "lightning_modules.dar:DARTokenizerModule",
+        {"config": "tiny", "lpips_weight": 0.0, "repa_weight": 0.0, "lr": 1e-3, "warmup_steps": 0, "ema_decay": 0.9},
+        "tests.toy:RandomImages",
+    ),
+    "dar_gpt_tiny": (
+        "lightning_modules.dar:DARGPTModule",
+        {"gpt": "tiny", "lr": 1e-3, "decay_start_step": 100, "total_steps": 200, "ema_decay": 0.9},
+        "tests.toy:RandomTokens",
+    ),
 }
 
 

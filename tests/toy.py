@@ -108,3 +108,18 @@ class RandomImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"image": self.images[i], "label": self.labels[i]}
+
+
+class RandomTokens(Dataset):
+    """Random token sequences with labels (a token-cache batch) for the tiny D-AR GPT."""
+
+    def __init__(self, n: int = 64, num_classes: int = 10, length: int = 32, vocab: int = 256) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.tokens = torch.randint(0, vocab, (n, length), generator=g)
+        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"tokens": self.tokens[i], "label": self.labels[i]}
