@@ -1,0 +1,142 @@
+"""FIDCallback: FID / IS (/ precision, recall) of class-balanced EMA samples, generated and measured on all ranks.
+
+Every rank samples its share of the `SamplePlan` (see callbacks/sampling.py), extracts Inception features locally,
+then the features are all-gathered and put back in global index order, so every rank computes the same metrics on
+exactly the requested N samples, whatever the world size. All collectives run on every rank.
+"""
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from callbacks.inception import build_inception, extract_features
+from callbacks.metrics import ReferenceStats, compute_metrics, inception_score, load_reference
+from callbacks.sampling import SamplePlan, eval_mode, iter_rank_chunks
+
+
+class FIDCallback(L.Callback):
+    """Log `{prefix}/fid`, `{prefix}/is` (and `/is_std`, `/precision`, `/recall`) every N epochs or steps of
+    training, and at the end of `trainer.validate` / `trainer.test`.
+
+    Args:
+        reference: npz with reference statistics (`ardiff eval --write-ref`, or the ADM reference batch); None
+            logs IS only.
+        num_samples: N generated images (50_000 for FID-50K); labels are class-balanced (`i * C // N`).
+        chunk_size: images per `sample_images` call (per rank); part of the sample-set definition with `seed`.
+        every_n_epochs / every_n_steps: training schedule (None disables either).
+        sample_kwargs: passed to `pl_module.sample_images` (cfg scale, steps, temperature, ...).
+        inception_weights: path to torch-fidelity's Inception weights (else env var / hub cache / download).
+    """
+
+    def __init__(
+        self,
+        reference: str | None,
+        num_samples: int = 50_000,
+        chunk_size: int = 64,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+        num_classes: int | None = None,
+        sample_kwargs: dict | None = None,
+        inception_weights: str | None = None,
+        inception_batch_size: int = 100,
+        compute_is: bool = True,
+        compute_pr: bool = False,
+        prefix: str = "val",
+    ) -> None:
+        super().__init__()
+        self.reference = reference
+        self.num_samples, self.chunk_size, self.seed, self.num_classes = num_samples, chunk_size, seed, num_classes
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.inception_weights, self.inception_batch_size = inception_weights, inception_batch_size
+        self.compute_is, self.compute_pr, self.prefix = compute_is, compute_pr, prefix
+        self.inception: torch.nn.Module | None = None  # kept here, not in the (possibly sharded) LightningModule
+        self.ref: ReferenceStats | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._last_eval_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.inception is None:
+            self.inception = build_inception(self.inception_weights)
+
+    def plan(self, pl_module: L.LightningModule) -> SamplePlan:
+        return SamplePlan(self.num_samples, self.num_classes or pl_module.num_classes, self.chunk_size, self.seed)
+
+    # ---- schedule ----
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_eval_step:
+            self.evaluate(trainer, pl_module)  # step guard: gradient accumulation repeats a global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            if trainer.global_step != self._last_eval_step:
+                self.evaluate(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    # ---- evaluation ----
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Generate, measure and log; must be called on every rank (sampling and gathering are collective)."""
+        start = time.perf_counter()
+        self._last_eval_step = trainer.global_step
+        plan, device = self.plan(pl_module), pl_module.device
+        self.inception = self.inception.to(device)
+        if self.ref is None and self.reference is not None:
+            self.ref = load_reference(self.reference, self.inception, self.compute_pr, self.inception_batch_size)
+
+        # seeded with empty rows: a rank can own no chunk when there are fewer chunks than ranks
+        indices = [torch.zeros(0, dtype=torch.long, device=device)]
+        pools = [torch.zeros(0, 2048, device=device)]
+        logits = [torch.zeros(0, self.inception.fc.out_features, device=device)]
+        with eval_mode(pl_module):
+            chunks = iter_rank_chunks(
+                pl_module.sample_images, plan, trainer.global_rank, trainer.world_size, device, **self.sample_kwargs
+            )
+            for k, images in chunks:
+                feats = extract_features(self.inception, images, self.inception_batch_size)
+                indices.append(plan.chunk_indices(k).to(device))
+                pools.append(feats["pool"])
+                logits.append(feats["logits"])
+        pool, logit = self._gather(trainer, plan, indices, pools, logits)
+
+        if self.ref is not None:
+            metrics = compute_metrics(pool, logit if self.compute_is else None, self.ref, self.compute_pr)
+        else:
+            metrics = dict(zip(("is", "is_std"), inception_score(logit), strict=True))
+        for name, value in metrics.items():
+            pl_module.log(f"{self.prefix}/{name}", value, prog_bar=name in ("fid", "is"), sync_dist=False)
+        self.last_metrics = metrics
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        took = time.perf_counter() - start
+        rank_zero_info(f"[FIDCallback] step {trainer.global_step}: {shown} ({plan.num_samples} samples, {took:.0f}s)")
+        return metrics
+
+    @staticmethod
+    def _gather(
+        trainer: L.Trainer, plan: SamplePlan, indices: list[Tensor], pools: list[Tensor], logits: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """All ranks' (index, features) -> features (N, D) in global index order, on every rank (CPU)."""
+        idx, pool, logit = torch.cat(indices), torch.cat(pools), torch.cat(logits)  # (n,), (n, 2048), (n, 1008)
+        if trainer.world_size > 1:
+            rows = plan.calls_per_rank(trainer.world_size) * plan.chunk_size  # same on every rank, >= n
+            pad = rows - idx.numel()
+            idx = torch.cat([idx, idx.new_full((pad,), -1)])
+            pool, logit = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (pool, logit))
+            idx, pool, logit = (trainer.strategy.all_gather(t).flatten(0, 1) for t in (idx, pool, logit))
+            keep = idx >= 0
+            idx, pool, logit = idx[keep], pool[keep], logit[keep]
+        order = idx.argsort()
+        if not torch.equal(idx[order].cpu(), torch.arange(plan.num_samples)):
+            raise RuntimeError("gathered sample indices are not exactly 0..N-1: ranks disagree on the sample plan")
+        return pool[order].cpu(), logit[order].cpu()
