@@ -105,20 +105,10 @@ def make_random_inception_weights(path: Path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory) -> str:
-    return make_random_inception_weights(tmp_path_factory.getbasetemp() / "random_inception.pth")
-
-
 def shrink_inception_input() -> None:
     """Resize to 75 px (the smallest input Inception-v3 accepts) instead of 299 in this process: 16x cheaper on CPU.
     torch-fidelity and ardiff use the same class, so comparisons between them stay exact."""
     tf_inception.FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE = 75
-
-
-@pytest.fixture
-def fast_inception(monkeypatch):
-    monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
 
 
 # ---------------------------------------------------------------- sample plan
