@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def shortened(recipe: str, tmp: Path, demo_root: Path, max_steps: int, **trainer) -> Path:
     """The recipe with its outputs under `tmp`, the shared demo data, and fewer steps."""
     cfg = yaml.safe_load((ROOT / "experiments" / recipe).read_text())
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg["data"]["init_args"].update(root=str(demo_root), num_workers=0)
     t = cfg["trainer"]
     t.update(max_steps=max_steps, default_root_dir=str(tmp / "run"), log_every_n_steps=1, **trainer)
