@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ardiff.cli import SUBCOMMANDS
-from tests.test_cli import ardiff
+from tests.test_cli import ardiff_inprocess as ardiff
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
