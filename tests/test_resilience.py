@@ -47,6 +47,13 @@ def demo_config(tmp: Path, demo_root: Path, name: str, max_steps: int, every: in
     return path
 
 
+def fit(cfg: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`ardiff fit -c CFG EXTRA...` in a fresh process."""
+    return subprocess.run(
+        [*CLI, "fit", "-c", str(cfg), *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     ckpt = safe_torch_load(run / "ckpt" / "last.ckpt")
     return ckpt["state_dict"], ckpt["global_step"]
@@ -56,7 +63,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, demo_root):
     steps = 12
     straight_cfg = demo_config(tmp_path, demo_root, "straight", steps)
-    proc = subprocess.run([*CLI, "fit", "-c", str(straight_cfg)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = fit(straight_cfg)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     killed_cfg = demo_config(tmp_path, demo_root, "killed", steps)
@@ -74,13 +81,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, demo_
     _, stopped_at = final_weights(tmp_path / "killed")
     assert 4 <= stopped_at < steps, f"the kill should land mid-run, got step {stopped_at}"
 
-    proc = subprocess.run(
-        [*CLI, "fit", "-c", str(killed_cfg), "--ckpt_path", "last"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = fit(killed_cfg, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed, step = final_weights(tmp_path / "killed")
     expected, expected_step = final_weights(tmp_path / "straight")
@@ -96,13 +97,7 @@ def test_truncated_checkpoint_is_reported_on_resume(tmp_path, demo_root):
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    proc = subprocess.run(
-        [*CLI, "fit", "-c", str(cfg), "--model.init_args.init_from", str(ckpt)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = fit(cfg, "--model.init_args.init_from", str(ckpt))
     assert proc.returncode != 0
     assert f"checkpoint {str(ckpt)!r} is truncated" in proc.stderr
 
@@ -112,9 +107,7 @@ def test_truncated_resume_checkpoint_is_reported_before_training(tmp_path, demo_
     ckpt = tmp_path / "cut_resume.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:-100])
-    proc = subprocess.run(
-        [*CLI, "fit", "-c", str(cfg), "--ckpt_path", str(ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    proc = fit(cfg, "--ckpt_path", str(ckpt))
     assert proc.returncode != 0
     assert f"checkpoint {str(ckpt)!r} is truncated" in proc.stderr
 
@@ -130,13 +123,7 @@ def test_incompatible_checkpoint_names_the_mismatched_tensors(tmp_path, demo_roo
     sd["not_a_weight"] = torch.zeros(1)
     bad = tmp_path / "bad.pth"
     torch.save({"model": sd}, bad)
-    proc = subprocess.run(
-        [*CLI, "fit", "-c", str(cfg), "--model.init_args.init_from", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = fit(cfg, "--model.init_args.init_from", str(bad))
     assert proc.returncode != 0
     assert f"{name}: file" in proc.stderr and "not_a_weight" in proc.stderr
 
