@@ -22,8 +22,6 @@ from callbacks.sampling import SamplePlan
 from tests.test_eval_common import (  # noqa: F401
     FakeGenerator,
     dummy_loader,
-    fast_inception,
-    inception_weights,
     shrink_inception_input,
 )
 

@@ -13,8 +13,6 @@ from tests.test_eval_common import (  # noqa: F401
     FakeGenerator,
     UInt8Images,
     dummy_loader,
-    fast_inception,
-    inception_weights,
     smooth_images,
 )
 

@@ -12,7 +12,7 @@ from PIL import Image
 from ardiff import evaluate
 from callbacks.inception import build_inception, extract_features
 from callbacks.metrics import fid_statistics, load_reference
-from tests.test_eval_common import fast_inception, inception_weights, smooth_images  # noqa: F401
+from tests.test_eval_common import smooth_images  # noqa: F401
 
 
 def nhwc(images: torch.Tensor) -> np.ndarray:
