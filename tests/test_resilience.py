@@ -29,6 +29,7 @@ def demo_config(tmp: Path, demo_root: Path, name: str, max_steps: int, every: in
     cfg = yaml.safe_load((ROOT / "experiments/transdiff/demo.yaml").read_text())
     out = tmp / name
     cfg["data"]["init_args"].update(root=str(demo_root), batch_size=16, num_workers=1)
+    cfg["model"]["init_args"]["ema_decay"] = 0.99  # the EMA must continue across the kill too
     cfg["trainer"].update(max_steps=max_steps, logger=False, default_root_dir=str(out), log_every_n_steps=1)
     cfg["trainer"]["callbacks"] = [
         {
