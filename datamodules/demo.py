@@ -209,6 +209,7 @@ class DemoDataModule(WebDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
+        group_size: int = 1,
     ):
         self.demo_dir = Path(root) / demo_subdir(num_classes, image_size, train_per_class, val_per_class, data_seed)
         self.demo_kwargs = dict(num_classes=num_classes, image_size=image_size, train_per_class=train_per_class,
@@ -220,7 +221,7 @@ class DemoDataModule(WebDataModule):
             kind="image", image_size=image_size, num_classes=num_classes, batch_size=batch_size,
             val_batch_size=val_batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
             resampled=resampled, epoch_length=epoch_length, seed=seed, pin_memory=pin_memory,
-            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, group_size=group_size,
         )  # fmt: skip
 
     def prepare_data(self) -> None:

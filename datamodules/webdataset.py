@@ -74,6 +74,19 @@ def _coin(seed: int, epoch: int, key: str) -> bool:
     return hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=1).digest()[0] & 1 == 1
 
 
+def group_by_class(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:
+    """Groups of `n` distinct (still encoded) samples of one class, in stream order: each sample waits in its class's
+    bin until the bin holds `n` (MRAR's training unit: 4 real images of the same class). Leftovers are dropped at the
+    end of the stream; the bins hold encoded bytes, so waiting costs little memory."""
+    bins: dict[int, list[dict]] = {}
+    for sample in samples:
+        b = bins.setdefault(int(sample["cls"]), [])
+        b.append(sample)
+        if len(b) == n:
+            yield b
+            bins[int(sample["cls"])] = []
+
+
 class ShardStream(IterableDataset):
     """Batches of decoded samples from the shards of one rank; each DataLoader worker reads its own shards.
 
@@ -94,13 +107,14 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         max_workers: int = 64,
+        group_size: int = 1,
     ):
         super().__init__()
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
         self.urls, self.kind, self.image_size, self.batch_size, self.train = urls, kind, image_size, batch_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.shuffle_buffer, self.resampled, self.group_size = shuffle_buffer, resampled, group_size
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches consumed by this rank)
         self.skips = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()  # slot 0: main process
 
@@ -172,10 +186,17 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/shuffle")
             # starts yielding after 100 samples and grows to the full buffer (webdataset's default behaviour)
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
+        if self.group_size > 1:
+            samples = group_by_class(samples, self.group_size)
         batch = []
         for sample in itertools.islice(samples, skip, None):  # replayed samples are not decoded
             try:
-                batch.append(self.decode(sample, epoch))
+                if self.group_size > 1:  # MRAR: n distinct images of one class, each augmented on its own
+                    parts = [self.decode(s, epoch) for s in sample]
+                    batch.append({k: torch.stack([p[k] for p in parts]) if k != "label" else parts[0][k]
+                                  for k in parts[0]})  # fmt: skip
+                else:
+                    batch.append(self.decode(sample, epoch))
             except Exception as exn:
                 self.skip_and_warn(exn)
                 continue
@@ -253,6 +274,8 @@ class WebDataModule(L.LightningDataModule):
         batch_size: per rank. epoch_length: batches per rank and epoch (required with `resampled=True`;
             without it, caps an exact epoch).
         shuffle_buffer: samples per worker mixed before batching (ImageNet: >= a shard's worth, e.g. 1000-5000).
+        group_size: >1 makes each training item a group of that many distinct images of one class, batched as
+            (B, n, ...) (MRAR training: 4); validation stays ungrouped.
     """
 
     def __init__(
@@ -272,6 +295,7 @@ class WebDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 4,
+        group_size: int = 1,
     ):
         super().__init__()
         if kind not in ("image", "latent", "tokens"):
@@ -284,6 +308,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
+        self.group_size = group_size
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.streams: list[ShardStream] = []
@@ -335,7 +360,7 @@ class WebDataModule(L.LightningDataModule):
         stream = ShardStream(
             self.train_urls, self.kind, self.image_size, self.batch_size, train=True, seed=self.seed, rank=rank,
             world_size=world_size, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-            max_workers=self.num_workers,
+            max_workers=self.num_workers, group_size=self.group_size,
         )  # fmt: skip
         self.streams.append(stream)
         shards_per_rank = len(self.train_urls) // world_size
