@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -200,17 +201,11 @@ class DemoDataModule(WebDataModule):
         num_train_shards: int = 32,
         num_val_shards: int = 8,
         batch_size: int = 64,
-        val_batch_size: int | None = None,
         num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
         prefetch_factor: int = 2,
-        group_size: int = 1,
+        **kwargs: Any,
     ):
+        """Demo settings here; loader settings (shuffle_buffer, seed, resampled, group_size, ...) as `WebDataModule`."""
         self.demo_dir = Path(root) / demo_subdir(num_classes, image_size, train_per_class, val_per_class, data_seed)
         self.demo_kwargs = dict(num_classes=num_classes, image_size=image_size, train_per_class=train_per_class,
                                 val_per_class=val_per_class, seed=data_seed, num_train_shards=num_train_shards,
@@ -219,9 +214,7 @@ class DemoDataModule(WebDataModule):
             train_shards=str(self.demo_dir / "shards" / "train"),
             val_shards=str(self.demo_dir / "shards" / "val"),
             kind="image", image_size=image_size, num_classes=num_classes, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            resampled=resampled, epoch_length=epoch_length, seed=seed, pin_memory=pin_memory,
-            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, group_size=group_size,
+            num_workers=num_workers, prefetch_factor=prefetch_factor, **kwargs,
         )  # fmt: skip
 
     def prepare_data(self) -> None:
