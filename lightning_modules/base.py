@@ -324,7 +324,9 @@ class GenerativeModule(L.LightningModule):
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", _local(norm) if not hasattr(norm, "full_tensor") else norm.full_tensor())
+            if hasattr(norm, "full_tensor"):  # FSDP2: the norm of the sharded grads, as one global value
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
