@@ -1,15 +1,20 @@
 """Inception-v3 feature extractor for FID/IS: torch-fidelity's TF-compatible port, with offline-friendly weights lookup.
 
 Weights are torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the 2015-12-05 TF graph used by the ADM
-suite). Lookup order: explicit path > $ARDIFF_INCEPTION_WEIGHTS > torch hub cache > download.
+suite). Lookup order: explicit path > $ARDIFF_INCEPTION_WEIGHTS > torch hub cache > download. Whatever the source,
+the file is read with the safe loader (`weights_only`, tensors only) before torch-fidelity sees it: torch-fidelity
+itself unpickles with `weights_only=False`, which would run code hidden in a crafted file.
 """
 
+import io
 import os
 import urllib.error
 
 import torch
 from torch import Tensor
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+from models.checkpoint import CheckpointError, safe_torch_load
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "ARDIFF_INCEPTION_WEIGHTS"
@@ -53,11 +58,29 @@ def resolve_inception_weights(path: str | None = None, download: bool = True) ->
     return cached
 
 
+def load_inception_state_dict(path: str) -> dict[str, Tensor]:
+    """The Inception state dict of `path`, read without executing code: tensors only, else `CheckpointError`."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"Inception weights {path!r} are not a state dict of tensors (got {type(state).__name__}); "
+            f"use torch-fidelity's {INCEPTION_WEIGHTS_FILE} ({URL_INCEPTION_V3})"
+        )
+    return dict(state)
+
+
 def build_inception(weights: str | None = None, download: bool = True) -> FeatureExtractorInceptionV3:
     """torch-fidelity's extractor: uint8 input, TF1-compatible resize to 299 -> ('2048', 'logits_unbiased')."""
     path = resolve_inception_weights(weights, download=download)
+    state = load_inception_state_dict(path)
+    # torch-fidelity only takes a path (which it unpickles unsafely): hand it an in-memory copy of the vetted tensors
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     features = list(INCEPTION_FEATURES)
-    return FeatureExtractorInceptionV3("inception-v3-compat", features, feature_extractor_weights_path=path)
+    return FeatureExtractorInceptionV3("inception-v3-compat", features, feature_extractor_weights_path=buffer)
 
 
 @torch.no_grad()
