@@ -61,8 +61,10 @@ def resolve_inception_weights(path: str | None = None, download: bool = True) ->
 def load_inception_state_dict(path: str) -> dict[str, Tensor]:
     """The Inception state dict of `path`, read without executing code: tensors only, else `CheckpointError`."""
     state = safe_torch_load(path)
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
     ):
         raise CheckpointError(
             f"Inception weights {path!r} are not a state dict of tensors (got {type(state).__name__}); "

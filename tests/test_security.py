@@ -3,7 +3,6 @@ error naming the file, on every path that reads one (Inception weights, distribu
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
