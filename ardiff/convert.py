@@ -3,16 +3,24 @@ to one single-file Lightning checkpoint that resumes under any strategy and worl
 
 Optimizer states in a distributed checkpoint are keyed by parameter name; a plain optimizer state is keyed by
 position in its param groups, so they are renumbered in the order the groups list the names.
+
+The folder is untrusted input: its `.metadata` and non-tensor items are vetted with allow-list unpicklers
+(`models.checkpoint.check_distributed_checkpoint`) before the public `dcp_to_torch_save` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from models.checkpoint import check_distributed_checkpoint, safe_torch_load
 
 
 def _renumber_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -31,15 +39,22 @@ def _renumber_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def consolidate(folder: str | Path) -> dict[str, Any]:
     """Read a distributed checkpoint folder into the standard single-file Lightning checkpoint layout."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
     folder = Path(folder)
     if not folder.is_dir() or not (folder / ".metadata").is_file():
         raise FileNotFoundError(
             f"{folder} is not a distributed checkpoint folder (expected a '.metadata' file inside); "
             "single-file checkpoints need no conversion"
         )
-    ckpt = _load_distributed_checkpoint(folder)
+    check_distributed_checkpoint(folder)  # before any unpickling by torch.distributed.checkpoint
+    fd, tmp = tempfile.mkstemp(suffix=".pt", prefix=".convert-")
+    os.close(fd)
+    try:
+        dcp_to_torch_save(folder, tmp)
+        ckpt = safe_torch_load(tmp)
+    finally:
+        os.unlink(tmp)
+    if (folder / "meta.pt").is_file():  # Lightning's non-tensor state (loops, callbacks, hyperparameters)
+        ckpt.update(safe_torch_load(folder / "meta.pt"))
     if "model" in ckpt:  # Fabric's layout; Lightning's Trainer already writes "state_dict"
         ckpt["state_dict"] = ckpt.pop("model")
     opt_keys = sorted((k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))

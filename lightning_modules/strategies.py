@@ -8,9 +8,12 @@ world is data parallel.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from models.checkpoint import check_checkpoint_file
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -36,3 +39,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # torch.distributed.checkpoint unpickles `.metadata` (and non-tensor items) without restriction: every rank
+        # vets the folder it is about to read with the allow-list loaders first
+        path = self.broadcast(checkpoint_path)
+        check_checkpoint_file(os.fspath(path))
+        return super().load_checkpoint(path, weights_only=weights_only)

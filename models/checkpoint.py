@@ -9,6 +9,7 @@ classes that rebuild those objects as plain attribute bags.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
 import zipfile
@@ -50,14 +51,104 @@ _STAND_INS = [_stand_in("config_util", "Config"), _stand_in("utils.config_util",
 _SAFE_CLASSES = [argparse.Namespace]
 
 
+# Globals a torch.distributed.checkpoint `.metadata` pickle may name: its own dataclasses/enums and the torch values
+# they hold. `pickle.load` (what DCP's FileSystemReader uses) would import and call anything.
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}  # fmt: skip
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # torch.float32, ...
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not a distributed-checkpoint metadata class")
+
+
+def read_dcp_metadata(folder: str | os.PathLike) -> object:
+    """The `.metadata` of a torch.distributed.checkpoint folder, unpickled with an allow-list of DCP's metadata
+    classes (never arbitrary code); `CheckpointError` naming the file for anything else."""
+    path = os.path.join(os.fspath(folder), ".metadata")
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"distributed checkpoint {os.fspath(folder)!r} has no '.metadata' file: it was not finished; "
+            "use an earlier one"
+        )
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path, "rb") as f:
+            meta = _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"distributed checkpoint metadata {path!r} contains a Python object that ardiff refuses to unpickle: "
+            f"{e}. Only torch.distributed.checkpoint metadata classes are loaded (never arbitrary code)."
+        ) from e
+    except (EOFError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"distributed checkpoint metadata {path!r} is truncated or corrupt ({e})") from e
+    if not isinstance(meta, Metadata):
+        raise CheckpointError(f"{path!r} is not torch.distributed.checkpoint metadata (got {type(meta).__name__})")
+    return meta
+
+
+def check_distributed_checkpoint(folder: str | os.PathLike) -> None:
+    """Vet a distributed (FSDP2) checkpoint folder before torch.distributed.checkpoint reads it.
+
+    DCP unpickles `.metadata` with plain `pickle` and the non-tensor items of the `.distcp` files with
+    `torch.load(weights_only=False)`: here the metadata is read with an allow-list and every such item with the
+    safe loader, so a crafted folder is refused (`CheckpointError` naming the file) before any code could run.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = os.path.realpath(os.fspath(folder))
+    meta = read_dcp_metadata(folder)
+    byte_keys = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for index, info in (meta.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        file = os.path.realpath(os.path.join(folder, str(rel)))
+        if not isinstance(rel, str) or os.path.dirname(file) != folder:
+            raise CheckpointError(f"distributed checkpoint {folder!r}: item {index.fqn!r} points outside the folder")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"distributed checkpoint {folder!r} lacks {rel!r}: it was not finished or copied")
+        if index.fqn not in byte_keys:
+            continue  # tensors: DCP reads them with weights_only=True
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{file!r}: transformed (e.g. compressed) non-tensor items are not supported")
+        with open(file, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            with torch.serialization.safe_globals([*_STAND_INS, *_SAFE_CLASSES]):
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"distributed checkpoint file {file!r} (item {index.fqn!r}) contains a Python object that ardiff "
+                f"refuses to unpickle: {e}"
+            ) from e
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise CheckpointError(f"distributed checkpoint file {file!r} is truncated or corrupt ({e})") from e
+    extra = os.path.join(folder, "meta.pt")  # Lightning's non-tensor state beside the DCP files
+    if os.path.isfile(extra):
+        safe_torch_load(extra)
+
+
 def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Fail early, naming the file, if `path` is missing, empty, cut off, or an incomplete distributed checkpoint."""
+    """Fail early, naming the file, if `path` is missing, empty, cut off, or an incomplete or unsafe distributed
+    checkpoint."""
     path = os.fspath(path)
     if os.path.isdir(path):  # a distributed (FSDP2) checkpoint folder
-        if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise CheckpointError(
-                f"distributed checkpoint {path!r} has no '.metadata' file: it was not finished; use an earlier one"
-            )
+        check_distributed_checkpoint(path)
         return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path, or the ckpt/init_from setting)")

@@ -3,6 +3,7 @@ error naming the file, on every path that reads one (Inception weights, distribu
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Payload:
-    """Unpickling this calls `open(marker, "w")`: the marker file's existence proves code ran."""
+    """Unpickling this calls `os.mkdir(marker)`: the marker's existence proves code ran."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))
+        return (os.mkdir, (self.marker,))
 
 
 def write_malicious(path: Path, marker: Path, wrap=lambda payload: {"fc.weight": payload}) -> Path:
@@ -92,3 +93,66 @@ def test_real_format_inception_weights_still_load(inception_weights):
     model = build_inception(inception_weights, download=False)
     ref = torch.load(inception_weights, weights_only=True)
     torch.testing.assert_close(model.fc.weight, ref["fc.weight"])
+
+
+# ---------------------------------------------------------------- distributed checkpoint folders
+def evil_metadata_folder(tmp_path: Path, marker: Path) -> Path:
+    folder = tmp_path / "evil.ckpt"
+    folder.mkdir()
+    import pickle
+
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    return folder
+
+
+def evil_item_folder(tmp_path: Path, marker: Path) -> Path:
+    """A well-formed DCP folder (valid metadata) whose one non-tensor item is the payload."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "evil_item.ckpt"
+    dcp.save({"w": torch.zeros(3), "extra": _Payload(marker)}, checkpoint_id=str(folder), no_dist=True)
+    return folder
+
+
+def test_dcp_payloads_really_run_code_when_read_unsafely(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    marker = tmp_path / "PWNED"
+    dcp_to_torch_save(evil_item_folder(tmp_path, marker), tmp_path / "out.pt")
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("make", [evil_metadata_folder, evil_item_folder])
+def test_convert_ckpt_refuses_malicious_distributed_checkpoint(tmp_path, make):
+    from ardiff.convert import main as convert
+
+    marker = tmp_path / "PWNED"
+    folder = make(tmp_path, marker)
+    with pytest.raises(CheckpointError, match=f"{folder.name}.*refuses to unpickle"):
+        convert([str(folder), str(tmp_path / "out.ckpt")])
+    assert not marker.exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_fsdp2_strategy_vets_the_folder_before_loading(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_modules.strategies import FSDP2Strategy
+
+    loaded = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint", lambda self, p, weights_only=None: loaded.append(p))
+    marker = tmp_path / "PWNED"
+    for folder in (evil_metadata_folder(tmp_path, marker), evil_item_folder(tmp_path, marker)):
+        with pytest.raises(CheckpointError, match=folder.name):
+            FSDP2Strategy().load_checkpoint(folder)
+    assert not loaded and not marker.exists()
+
+
+def test_fit_ckpt_path_refuses_malicious_distributed_checkpoint(tmp_path):
+    marker = tmp_path / "PWNED"
+    folder = evil_metadata_folder(tmp_path, marker)
+    cmd = [sys.executable, "-m", "ardiff.cli", "fit", "-c", "experiments/transdiff/demo.yaml"]
+    cmd += ["-c", "experiments/strategies/fsdp2_cpu.yaml", "--ckpt_path", str(folder)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{folder}/.metadata" in proc.stderr and "refuses to unpickle" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists()
