@@ -5,7 +5,9 @@ or URLs webdataset opens (`pipe:aws s3 cp s3://bucket/train-000000.tar -`, `http
 
 Train epoch, `resampled=False`: the shard list is shuffled with `(seed, epoch)` (identical on every rank), cut to a
 multiple of the world size, and split `rank::world`, then `worker::num_workers`; each worker streams its shards
-through a seeded shuffle buffer and yields whole batches, so every sample is read exactly once per epoch.
+through a seeded shuffle buffer and yields whole batches, so every sample is read at most once per epoch. Shards
+rarely hold equal sample counts: the ranks agree batch by batch (`ShardLoader.all_ranks_have`) and the epoch ends
+for all when the first rank runs out, so every rank runs the same number of steps (the others' rest is dropped).
 Train epoch, `resampled=True`: every (rank, worker) draws shards with replacement from its own seeded RNG forever and
 the loader stops after `epoch_length` batches, so every rank runs the same number of steps.
 
@@ -241,12 +243,34 @@ class ShardLoader:
         self.dataset.set_position(self.epoch, self.batches)
         remaining = None if self.epoch_length is None else self.epoch_length - self.batches
         if remaining is None or remaining > 0:
-            for batch in itertools.islice(self.loader, remaining):
+            batches = iter(self.loader)
+            for _ in itertools.count() if remaining is None else range(remaining):
+                batch = next(batches, None)
+                if not self.all_ranks_have(batch is not None):
+                    if batch is not None:
+                        log.info(
+                            "rank %d: another rank's shards ran out after %d batches; the rest of this rank's epoch "
+                            "is dropped to keep the ranks in step",
+                            self.dataset.rank,
+                            self.batches,
+                        )
+                    break
                 yield batch
                 # counted once the consumer asks for the next batch, i.e. after Lightning's one-batch prefetch
                 # has handed it to training_step, so a checkpoint taken after step k records exactly k batches
                 self.batches += 1
         self.epoch, self.batches = self.epoch + 1, 0
+
+    def all_ranks_have(self, have: bool) -> bool:
+        """True when every rank has a next batch (one tiny all-reduce per step). Shards of unequal size, or samples
+        skipped as corrupt, give ranks different batch counts; a rank that stopped alone would leave the others
+        blocked in their next gradient all-reduce forever. So the epoch ends for all at the first rank's end."""
+        if self.dataset.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return have
+        cuda = dist.get_backend() == "nccl"
+        flag = torch.tensor([int(have)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def state_dict(self) -> dict:
         return {
