@@ -26,7 +26,11 @@ from models.checkpoint import CheckpointError, LoadReport, extract_state_dict, l
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised (on every rank) when the loss is NaN/inf and `nan_policy="stop"`."""
+    """Raised (on every rank) when the loss or the gradients are NaN/inf and `nan_policy="stop"`."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised (on every rank) instead of writing a checkpoint whose weights or optimizer state are NaN/inf."""
 
 
 def lr_factor(
@@ -101,8 +105,10 @@ class GenerativeModule(L.LightningModule):
         min_lr: lr at the end of a cosine/linear schedule.
         ema_decay: EMA decay per optimizer step; None disables EMA.
         ema_start_step: before this step the EMA tracks the weights exactly.
-        nan_policy: "stop" raises on a non-finite loss before anything is updated; "skip" drops that batch
-            (no backward, no optimizer or EMA step). Decided jointly across ranks.
+        nan_policy: a non-finite loss (before backward) or non-finite gradients (after backward, before the
+            optimizer): "stop" raises before anything is updated; "skip" drops that batch (no optimizer or EMA
+            step; the step counter and lr schedule move on). Decided jointly across ranks. Either way a
+            checkpoint with non-finite weights is never written (`NonFiniteWeightsError`).
         init_from: checkpoint to initialise the weights from when a run starts (fine-tuning): an ardiff
             Lightning checkpoint or an official one. Ignored when Lightning resumes from `ckpt_path`.
         init_use_ema: take the EMA weights of `init_from` when it has them.
@@ -143,6 +149,7 @@ class GenerativeModule(L.LightningModule):
         self._tput_time: float | None = None
         self._tput_images = 0
         self._rng_to_restore: dict[str, Any] | None = None
+        self._skip_step = False  # this batch's optimizer and EMA step are dropped (nan_policy=skip)
 
     # ------------------------------------------------------------------ subclass API
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -216,6 +223,7 @@ class GenerativeModule(L.LightningModule):
             np.random.seed((int(seed) + self.global_rank) % 2**32)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_checkpoint(checkpoint)
         state = rng_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states: list[Any] = [None] * torch.distributed.get_world_size()
@@ -223,6 +231,31 @@ class GenerativeModule(L.LightningModule):
         else:
             states = [state]
         checkpoint["ardiff_rng"] = states  # one entry per rank
+
+    def check_finite_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse (on every rank) to write weights, EMA or optimizer state holding NaN/inf: such a checkpoint
+        would silently replace the last good one."""
+        bad = None
+        for key, t in (checkpoint.get("state_dict") or {}).items():
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+                bad = f"weight {key!r}"
+                break
+        for i, opt in enumerate(checkpoint.get("optimizer_states") or []):
+            for pid, st in (opt.get("state", {}) if bad is None and isinstance(opt, dict) else {}).items():
+                for name, t in st.items():
+                    if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+                        bad = bad or f"optimizer {i} state {name!r} of parameter {pid}"
+        any_bad = bad is not None
+        if self._trainer is not None:
+            any_bad = self.trainer.strategy.reduce_boolean_decision(any_bad, all=False)
+        if any_bad:
+            where = bad or "a tensor on another rank"
+            raise NonFiniteWeightsError(
+                f"refusing to write a checkpoint at global step {checkpoint.get('global_step', self.global_step)}: "
+                f"{where} is NaN/inf, so training has diverged (the last checkpoint written is still intact). "
+                "Resume from it with a lower lr, gradient clipping (trainer.gradient_clip_val), or "
+                "model.init_args.nan_policy=skip."
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("ardiff_rng")
@@ -293,6 +326,7 @@ class GenerativeModule(L.LightningModule):
         return int(batch["label"].shape[0])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        self._skip_step = False
         loss, logs = self.compute_loss(batch)
         bad = torch.logical_not(torch.isfinite(loss.detach()))
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
@@ -306,6 +340,7 @@ class GenerativeModule(L.LightningModule):
                 )
             rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
             self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
+            self._skip_step = True
             return None
         n = self.batch_size_of(batch)
         self._tput_images += n
@@ -316,16 +351,35 @@ class GenerativeModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.update_ema()
+        if not self._skip_step:
+            self.update_ema()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if norm is not None and hasattr(norm, "full_tensor"):  # FSDP2: the norm of the sharded grads, one value
+            norm = norm.full_tensor()
+        bad = norm is not None and not bool(torch.isfinite(norm))
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            msg = (
+                f"non-finite gradients (norm {norm.item() if norm is not None else 'n/a'}) at global step "
+                f"{self.global_step}, epoch {self.current_epoch} (the loss was finite); weights, optimizer and EMA "
+                "were not updated with them."
+            )
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    msg + " Lower the lr, clip gradients (trainer.gradient_clip_val), or set "
+                    "model.init_args.nan_policy=skip to drop such batches."
+                )
+            rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
+            self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
+            for p in self.net.parameters():  # AdamW leaves parameters without a gradient untouched (no decay)
+                p.grad = None
+            self._skip_step = True
+            return
         if not self._should_log():
             return
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # FSDP2: the norm of the sharded grads, as one global value
-                norm = norm.full_tensor()
+        if norm is not None:
             self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
