@@ -142,19 +142,25 @@ def test_stop_raises_on_non_finite_gradients_before_any_update(tmp_path):
 
 
 def test_huge_lr_with_skip_keeps_weights_finite(tmp_path):
-    """The issue's scenario (lr 1e10, no clipping, nan_policy=skip, 20 steps) on the toy model."""
+    """The issue's scenario on the tiny TransDiff: lr 1e10, no clipping, nan_policy=skip, 20 steps. Its loss stays
+    finite while its gradients turn NaN; weights, EMA and the written checkpoint must stay finite."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
 
+    from lightning_modules.transdiff import TransDiffModule
     from models.checkpoint import safe_torch_load
-    from tests.toy import ToyData
+    from tests.toy import RandomImages
 
     torch.manual_seed(0)
-    model = nan_grad_generator(set(), lr=1e10, ema_decay=0.9, nan_policy="skip")
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=5)
-    toy_trainer(tmp_path, 20, callbacks=[ckpt], enable_checkpointing=True).fit(model, ToyData(n=64, batch_size=8))
-    assert all_finite(model) and all_finite(model.ema_net)
+    model = TransDiffModule(arch="tiny", vae="identity", lr=1e10, ema_decay=0.9, nan_policy="skip")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=10)
+    trainer = toy_trainer(tmp_path, 20, callbacks=[ckpt], enable_checkpointing=True)
+    trainer.fit(model, DataLoader(RandomImages(n=320), batch_size=16))
+    assert trainer.global_step == 20
+    assert all_finite(model.net) and all_finite(model.ema_net)
     saved = safe_torch_load(tmp_path / "ckpt" / "last.ckpt")
-    assert all(bool(torch.isfinite(t).all()) for t in saved["state_dict"].values())
+    assert saved["global_step"] == 20
+    assert all(bool(torch.isfinite(t).all()) for t in saved["state_dict"].values() if t.is_floating_point())
 
 
 def test_checkpoint_with_non_finite_weights_is_refused(tmp_path):
