@@ -14,7 +14,10 @@ the loader stops after `epoch_length` batches, so every rank runs the same numbe
 The train loader (`ShardLoader`) implements `state_dict()/load_state_dict()`; Lightning stores it in checkpoints and a
 resumed run continues the epoch where it stopped: the pipeline is deterministic per (seed, epoch, rank, worker), so
 each worker replays its stream up to the batches already consumed without decoding them.
-Corrupt samples or shards are skipped with a warning (no sleep) and counted in `num_skipped`.
+Corrupt samples or shards are skipped with a warning (no sleep) and counted in `num_skipped`. Two things stop the
+run instead: shards that do not hold what `kind` reads (e.g. `kind: latent` on image shards), a configuration
+error raised at the first such sample (`DataConfigError`); and more than `max_consecutive_failures` (default 100)
+samples or shards failing in a row in one worker (`DataPipelineError`), which no amount of corrupt data explains.
 """
 
 import hashlib
@@ -35,12 +38,30 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from datamodules.transforms import center_crop_arr, decode_image, image_bytes, to_tensor
+from datamodules.transforms import IMAGE_FIELDS, center_crop_arr, decode_image, image_bytes, to_tensor
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["image", "latent", "tokens"]
 CACHE_FIELDS = {"latent": "moments", "tokens": "tokens"}  # kind -> `<field>.npy` / `<field>_flip.npy` in the shards
+
+
+class DataConfigError(ValueError):
+    """The shards do not hold what the DataModule is configured to read (a configuration error, not corrupt data)."""
+
+
+class DataPipelineError(RuntimeError):
+    """Too many samples or shards in a row failed to load: the data source is broken, not just a bad sample."""
+
+
+def _sample_kind(sample: dict) -> str | None:
+    """What a raw shard sample holds: "image", "latent", "tokens", or None when it is none of them."""
+    if any(f in sample for f in IMAGE_FIELDS):
+        return "image"
+    for kind, name in CACHE_FIELDS.items():
+        if f"{name}.npy" in sample:
+            return kind
+    return None
 
 
 def _is_url(spec: str) -> bool:
@@ -110,6 +131,7 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         max_workers: int = 64,
         group_size: int = 1,
+        max_consecutive_failures: int = 100,
     ):
         super().__init__()
         if not urls:
@@ -117,6 +139,8 @@ class ShardStream(IterableDataset):
         self.urls, self.kind, self.image_size, self.batch_size, self.train = urls, kind, image_size, batch_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.resampled, self.group_size = shuffle_buffer, resampled, group_size
+        self.max_consecutive_failures = max_consecutive_failures
+        self.consecutive_failures = 0  # per worker process (each has its own copy)
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches consumed by this rank)
         self.skips = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()  # slot 0: main process
 
@@ -129,10 +153,31 @@ class ShardStream(IterableDataset):
 
     def skip_and_warn(self, exn: Exception) -> bool:
         """webdataset handler: count and warn, never sleep (unlike `wds.warn_and_continue`)."""
+        if isinstance(exn, DataConfigError):
+            raise exn
         info = get_worker_info()
         self.skips[0 if info is None else info.id + 1] += 1
         log.warning("skipping bad sample or shard: %s: %s", type(exn).__name__, exn)
+        self.consecutive_failures += 1
+        if self.consecutive_failures > self.max_consecutive_failures:
+            raise DataPipelineError(
+                f"{self.consecutive_failures} samples or shards in a row failed to load (more than "
+                f"max_consecutive_failures={self.max_consecutive_failures}); the last: {type(exn).__name__}: {exn}. "
+                "Check the shard paths and data.init_args.kind, or rewrite the shards."
+            ) from exn
         return True
+
+    def check_sample(self, sample: dict) -> None:
+        """Raise `DataConfigError` when a sample holds another kind of data than `kind` reads."""
+        found = _sample_kind(sample)
+        if found is not None and found != self.kind:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            raise DataConfigError(
+                f"data kind mismatch: kind={self.kind!r}, but shard {sample.get('__url__')!r} holds {found} samples "
+                f"(sample {sample.get('__key__')!r} has fields {fields}). Set data.init_args.kind: {found}, or point "
+                f"the shard arguments at {self.kind} shards"
+                + (" (written by `ardiff data cache-latents` / `cache-tokens`)." if self.kind != "image" else ".")
+            )
 
     def check_tail(self, url: str) -> bool:
         """Warn about (and count) a local shard without the tar end-of-archive blocks: Python's tarfile reads a
@@ -163,6 +208,7 @@ class ShardStream(IterableDataset):
             yield rng.choice(self.urls)
 
     def decode(self, sample: dict, epoch: int) -> dict:
+        self.check_sample(sample)
         flip = self.train and _coin(self.seed, epoch, sample["__key__"])
         label = int(sample["cls"])
         if self.kind == "image":
@@ -200,8 +246,9 @@ class ShardStream(IterableDataset):
                 else:
                     batch.append(self.decode(sample, epoch))
             except Exception as exn:
-                self.skip_and_warn(exn)
+                self.skip_and_warn(exn)  # raises on a configuration error or too many failures in a row
                 continue
+            self.consecutive_failures = 0
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
                 batch = []
@@ -300,6 +347,8 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: samples per worker mixed before batching (ImageNet: >= a shard's worth, e.g. 1000-5000).
         group_size: >1 makes each training item a group of that many distinct images of one class, batched as
             (B, n, ...) (MRAR training: 4); validation stays ungrouped.
+        max_consecutive_failures: stop with `DataPipelineError` when more samples/shards than this fail to load in
+            a row in one worker (single corrupt samples are skipped and counted).
     """
 
     def __init__(
@@ -320,6 +369,7 @@ class WebDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 4,
         group_size: int = 1,
+        max_consecutive_failures: int = 100,
     ):
         super().__init__()
         if kind not in ("image", "latent", "tokens"):
@@ -332,7 +382,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
-        self.group_size = group_size
+        self.group_size, self.max_consecutive_failures = group_size, max_consecutive_failures
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.streams: list[ShardStream] = []
@@ -385,6 +435,7 @@ class WebDataModule(L.LightningDataModule):
             self.train_urls, self.kind, self.image_size, self.batch_size, train=True, seed=self.seed, rank=rank,
             world_size=world_size, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
             max_workers=self.num_workers, group_size=self.group_size,
+            max_consecutive_failures=self.max_consecutive_failures,
         )  # fmt: skip
         self.streams.append(stream)
         shards_per_rank = len(self.train_urls) // world_size
@@ -400,6 +451,7 @@ class WebDataModule(L.LightningDataModule):
         stream = ShardStream(
             self.val_urls, self.kind, self.image_size, self.val_batch_size, train=False, rank=rank,
             world_size=world_size, shuffle_buffer=0, max_workers=self.num_workers,
+            max_consecutive_failures=self.max_consecutive_failures,
         )  # fmt: skip
         self.streams.append(stream)
         num_workers = min(self.num_workers, len(stream.rank_shards(0)))

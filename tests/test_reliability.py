@@ -177,6 +177,55 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     assert not (tmp_path / "bad.ckpt").exists()
 
 
+# ---------------------------------------------------------------- data configuration errors stop the run
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kind_mismatch_stops_at_once_naming_the_cause(tmp_path, workers):
+    from datamodules.webdataset import DataConfigError, WebDataModule
+
+    shard = write_image_shard(tmp_path / "img.tar", 20)
+    dm = WebDataModule(
+        train_shards=str(shard), kind="latent", batch_size=4, num_workers=workers, resampled=True, epoch_length=5,
+        persistent_workers=False, prefetch_factor=2 if workers else None,
+    )  # fmt: skip
+    with pytest.raises(DataConfigError, match=r"kind='latent'.*img.tar.* holds image samples.*kind: image"):
+        next(iter(dm.build_train_loader(0, 1)))
+    assert dm.num_skipped == 0
+
+
+def test_too_many_consecutive_failures_stop_the_run(tmp_path):
+    import webdataset as wds
+
+    from datamodules.webdataset import DataPipelineError, WebDataModule
+
+    with wds.TarWriter(str(tmp_path / "junk.tar")) as sink:  # image fields that are not images
+        for i in range(30):
+            sink.write({"__key__": f"{i:06d}", "png": b"not a png", "cls": b"0"})
+    dm = WebDataModule(
+        train_shards=str(tmp_path / "junk.tar"), kind="image", image_size=8, batch_size=4, num_workers=0,
+        resampled=True, epoch_length=5, max_consecutive_failures=50,
+    )  # fmt: skip
+    with pytest.raises(DataPipelineError, match="51 samples or shards in a row failed.*max_consecutive_failures=50"):
+        next(iter(dm.build_train_loader(0, 1)))
+    assert dm.num_skipped == 51
+
+
+def test_isolated_corrupt_samples_are_still_skipped(tmp_path):
+    from datamodules.webdataset import WebDataModule
+
+    good = write_image_shard(tmp_path / "good.tar", 12)
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "mixed.tar")) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"b{i:05d}", "png": b"junk", "cls": b"0"})
+    dm = WebDataModule(
+        train_shards=[str(good), str(tmp_path / "mixed.tar")], kind="image", image_size=8, batch_size=4,
+        num_workers=0, shuffle_buffer=0, max_consecutive_failures=12,
+    )  # fmt: skip
+    batches = list(dm.build_train_loader(0, 1))
+    assert sum(len(b["label"]) for b in batches) == 12 and dm.num_skipped == 12
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "ddp":
         ddp_worker(sys.argv[2], sys.argv[3:])
