@@ -85,6 +85,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+@contextmanager
+def _unsharded(net: nn.Module) -> Iterator[None]:
+    """Gather the full weights of every FSDP2 (`fully_shard`) module of `net` and keep them gathered through
+    `forward` calls; no-op for a module that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in net.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    policy = [_reshards_after_forward(m) for m in sharded]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, after in zip(sharded, policy, strict=True):
+            m.reshard()
+            m.set_reshard_after_forward(after, recurse=False)
+
+
+def _reshards_after_forward(m: nn.Module) -> bool:
+    """The module's FSDP2 reshard-after-forward setting (True when it cannot be read)."""
+    group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+    return True if group is None else group.post_forward_mesh_info is not None
+
+
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -181,12 +209,18 @@ class GenerativeModule(L.LightningModule):
 
     @contextmanager
     def sampling(self) -> Iterator[nn.Module]:
-        """The network to sample with (the EMA copy when there is one), in eval mode for the duration."""
+        """The network to sample with (the EMA copy when there is one), in eval mode for the duration.
+
+        Under FSDP2 the weights are sharded and only a module's `forward` gathers them, while sampling calls other
+        methods (and the root's own parameters) directly: every `fully_shard`-ed module is unsharded for the
+        duration and resharded afterwards. These are collectives: every rank must sample (all ardiff sampling
+        paths do, with the same number of calls)."""
         net = self.ema_net if self.ema_net is not None else self.net
         was_training = net.training
         net.eval()
         try:
-            yield net
+            with _unsharded(net):
+                yield net
         finally:
             net.train(was_training)
 

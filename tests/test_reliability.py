@@ -226,6 +226,76 @@ def test_isolated_corrupt_samples_are_still_skipped(tmp_path):
     assert sum(len(b["label"]) for b in batches) == 12 and dm.num_skipped == 12
 
 
+# ---------------------------------------------------------------- sampling under FSDP2
+SAMPLERS = {
+    "transdiff_tiny": ("lightning_modules.transdiff:TransDiffModule", {"arch": "tiny", "vae": "identity"}, 32),
+    "dar_gpt_tiny": ("lightning_modules.dar:DARGPTModule", {"gpt": "tiny"}, None),
+}
+
+
+def sample(model, name: str) -> torch.Tensor:
+    """A few samples through the module's sampling context (TransDiff: images; D-AR GPT: tokens, no tokenizer)."""
+    labels, generator = torch.tensor([0, 1, 2]), torch.Generator().manual_seed(1)
+    if name == "transdiff_tiny":
+        return model.sample_images(labels, generator=generator, num_steps=2)
+    from models.dar_gpt import sample_tokens
+
+    with torch.no_grad(), model.sampling() as net:
+        return sample_tokens(net, labels, generator=generator)
+
+
+def fsdp2_sample_worker(out: str, name: str) -> None:
+    """Train two steps under FSDP2 on 2 CPU processes, then sample on both ranks (EMA and online weights)."""
+    import importlib
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.strategies import FSDP2Strategy
+    from tests.toy import RandomImages, RandomTokens
+
+    spec, kwargs, size = SAMPLERS[name]
+    module, cls = spec.split(":")
+    torch.manual_seed(0)
+    model = getattr(importlib.import_module(module), cls)(lr=1e-3, ema_decay=0.5, **kwargs)
+    data = RandomImages(n=8, image_size=size) if size else RandomTokens(n=8)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=2, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    samples = sample(model, name)
+    ema, model.ema_net = model.ema_net, None
+    online = sample(model, name)
+    model.ema_net = ema
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    torch.save({"ema": samples, "online": online, "state": full}, f"{out}.{trainer.global_rank}")
+
+
+@pytest.mark.parametrize("name", ["transdiff_tiny", pytest.param("dar_gpt_tiny", marks=pytest.mark.slow)])
+def test_fsdp2_sampling_matches_the_unsharded_model(tmp_path, name):
+    import importlib
+
+    out = tmp_path / "samples"
+    cmd = [sys.executable, "-m", "tests.test_reliability", "fsdp2_sample", str(out), name]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    spec, kwargs, _ = SAMPLERS[name]
+    module, cls = spec.split(":")
+    ref = getattr(importlib.import_module(module), cls)(ema_decay=0.5, **kwargs)
+    ref.load_state_dict(r0["state"])  # the same weights in one process, unsharded
+    expected = sample(ref, name)
+    ref.ema_net = None
+    expected_online = sample(ref, name)
+    assert not torch.equal(expected, expected_online)  # EMA and online weights differ after a step
+    for r in (r0, r1):
+        torch.testing.assert_close(r["ema"], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(r["online"], expected_online, rtol=1e-4, atol=1e-4)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "ddp":
         ddp_worker(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "fsdp2_sample":
+        fsdp2_sample_worker(sys.argv[2], sys.argv[3])
