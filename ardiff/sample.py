@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from callbacks.sampling import SamplePlan, eval_mode, generate_chunk
-from models.checkpoint import safe_torch_load
+from models.checkpoint import check_checkpoint_file, safe_torch_load
 
 EXIT_INCOMPLETE = 3  # --max-chunks stopped the job before every chunk existed; rerun the same command to resume
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src.add_argument(
         "--config", help="LightningCLI YAML; its `model:` section (class_path/init_args) builds the module"
     )
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt file, or an FSDP2 checkpoint folder)")
     p.add_argument("--out", help="ADM-format npz to write (arr_0 uint8 NxHxWx3, labels)")
     p.add_argument("--png-dir", help="also (or only) write <index:06d>.png files here")
     p.add_argument("--num-samples", type=int, default=50_000)
@@ -77,9 +77,17 @@ def import_class(path: str) -> type:
 
 
 def load_module(module: str | None, config: str | None, ckpt: str) -> L.LightningModule:
-    """Build the LightningModule from its class path (hparams from the checkpoint) or a LightningCLI config."""
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    """Build the LightningModule from its class path (hparams from the checkpoint) or a LightningCLI config.
+    `ckpt` may be a distributed (FSDP2) checkpoint folder: it is vetted and consolidated in memory."""
+    check_checkpoint_file(ckpt)  # missing / truncated / unsafe: a clear error naming the file
+    if os.path.isdir(ckpt):
+        from ardiff.convert import consolidate
+
+        full = consolidate(ckpt)
+        if module is not None:
+            pl_module = import_class(module)(**full.get("hyper_parameters", {}))
+            pl_module.load_state_dict(full["state_dict"])
+            return pl_module
     if module is not None:
         return import_class(module).load_from_checkpoint(ckpt, map_location="cpu")
     from jsonargparse import ArgumentParser
@@ -89,7 +97,7 @@ def load_module(module: str | None, config: str | None, ckpt: str) -> L.Lightnin
     parser = ArgumentParser()
     parser.add_subclass_arguments(L.LightningModule, "model", required=True)
     pl_module = parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model
-    pl_module.load_state_dict(safe_torch_load(ckpt)["state_dict"])
+    pl_module.load_state_dict((full if os.path.isdir(ckpt) else safe_torch_load(ckpt))["state_dict"])
     return pl_module
 
 

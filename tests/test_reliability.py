@@ -270,6 +270,7 @@ def fsdp2_sample_worker(out: str, name: str) -> None:
     model.ema_net = ema
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     torch.save({"ema": samples, "online": online, "state": full}, f"{out}.{trainer.global_rank}")
+    trainer.save_checkpoint(f"{out}.sharded")  # a distributed checkpoint folder, for `ardiff sample`
 
 
 @pytest.mark.parametrize("name", ["transdiff_tiny", pytest.param("dar_gpt_tiny", marks=pytest.mark.slow)])
@@ -292,6 +293,16 @@ def test_fsdp2_sampling_matches_the_unsharded_model(tmp_path, name):
     for r in (r0, r1):
         torch.testing.assert_close(r["ema"], expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(r["online"], expected_online, rtol=1e-4, atol=1e-4)
+    if name == "transdiff_tiny":  # `ardiff sample` straight from the sharded run's checkpoint folder
+        from ardiff.convert import main as convert
+        from ardiff.sample import main as ardiff_sample
+
+        convert([f"{out}.sharded", str(tmp_path / "full.ckpt")])
+        common = ["--module", spec.replace(":", "."), "--num-samples", "4", "--chunk-size", "2", "--set", "num_steps=2"]
+        assert ardiff_sample([*common, "--ckpt", f"{out}.sharded", "--out", str(tmp_path / "a.npz")]) == 0
+        assert ardiff_sample([*common, "--ckpt", str(tmp_path / "full.ckpt"), "--out", str(tmp_path / "b.npz")]) == 0
+        a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+        assert a.shape == (4, 32, 32, 3) and np.array_equal(a, b)
 
 
 if __name__ == "__main__":
