@@ -71,3 +71,37 @@ def test_readme_ardiff_command_resolves(args):
     # every option the README passes exists in the subcommand's parser
     for opt in (a.split("=")[0] for a in args[len(words) :] if a.startswith("--")):
         assert opt in proc.stdout, f"{' '.join(words)} has no option {opt}"
+
+
+def runnable_multiprocess_commands() -> list[list[str]]:
+    """README training commands that start several processes on CPU (the FSDP2-on-CPU preset)."""
+    return [a for a in ardiff_invocations() if a[:1] == ["fit"] and "experiments/strategies/fsdp2_cpu.yaml" in a]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", runnable_multiprocess_commands(), ids=lambda a: " ".join(a)[:60])
+def test_readme_multiprocess_command_runs(args, tmp_path, demo_root):
+    """Run it for real (2 processes, a few steps, outputs in tmp): training, the end-of-run sample grid under
+    FSDP2, and the checkpoint."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / args[args.index("-c") + 1]).read_text())
+    callbacks = cfg["trainer"]["callbacks"]
+    for cb in callbacks:
+        init = cb.get("init_args", {})
+        if "dirpath" in init:
+            init["dirpath"] = str(tmp_path / "ckpt")
+        if "reference" in init:
+            init["reference"] = str(tmp_path / "ref.npz")
+    override = tmp_path / "outputs.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    i = args.index("--trainer.max_steps") if "--trainer.max_steps" in args else len(args)
+    run = args[:i] + args[i + 2 :] + ["-c", str(override), "--trainer.max_steps", "3"]
+    run += ["--data.init_args.root", str(demo_root), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    cli = [sys.executable, "-m", "ardiff.cli"]  # Lightning relaunches sys.argv for the second rank
+    proc = subprocess.run([*cli, *run], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "ckpt" / "last.ckpt" / ".metadata").is_file()  # a distributed checkpoint of the 2 ranks
