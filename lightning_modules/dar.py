@@ -8,7 +8,6 @@ without them (the CPU demo does).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -22,8 +21,9 @@ from torchvision.utils import make_grid
 
 from lightning_modules.base import GenerativeModule
 from models.checkpoint import load_state_dict_strict, safe_torch_load
-from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, sample_tokens
-from models.dar_tokenizer import DARTokenizer, load_dar_tokenizer, make_tokenizer_config
+from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, sample_tokens
+from models.dar_tokenizer import DARTokenizer, DARTokenizerConfig, load_dar_tokenizer, make_tokenizer_config
+from models.presets import config_dict, resolve_config
 
 #################################################################################
 #                 Frozen loss networks (pretrained weights needed)              #
@@ -158,7 +158,7 @@ class DARTokenizerModule(GenerativeModule):
 
     def __init__(
         self,
-        config: str = "v1",
+        config: DARTokenizerConfig | str = "v1",
         config_overrides: dict[str, Any] | None = None,
         lpips_weight: float = 0.5,
         repa_weight: float = 0.5,
@@ -179,6 +179,8 @@ class DARTokenizerModule(GenerativeModule):
             lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
             ema_decay=ema_decay, **kwargs,
         )  # fmt: skip
+        if not isinstance(config, str):  # the CLI passes the resolved config: store plain fields in the hparams
+            config = config_dict(make_tokenizer_config(config))
         self.save_hyperparameters()
         self.cfg = make_tokenizer_config(config, config_overrides)
         self.num_classes, self.image_size = 1, self.cfg.image_size
@@ -288,7 +290,7 @@ class DARGPTModule(GenerativeModule):
 
     def __init__(
         self,
-        gpt: str = "L",
+        gpt: GPTConfig | str = "L",
         gpt_overrides: dict[str, Any] | None = None,
         tokenizer_path: str | None = None,
         tokenizer_config: str | None = None,
@@ -313,8 +315,10 @@ class DARGPTModule(GenerativeModule):
             lr=lr, weight_decay=weight_decay, betas=betas, lr_schedule=lr_schedule, decay_start_step=decay_start_step,
             total_steps=total_steps, min_lr=min_lr, ema_decay=ema_decay, **kwargs,
         )  # fmt: skip
+        if not isinstance(gpt, str):  # the CLI passes the resolved config: store plain fields in the hparams
+            gpt = config_dict(resolve_config(GPTConfig, DAR_GPT_CONFIGS, gpt))
         self.save_hyperparameters()
-        self.cfg = dataclasses.replace(DAR_GPT_CONFIGS[gpt], **(gpt_overrides or {}))
+        self.cfg = resolve_config(GPTConfig, DAR_GPT_CONFIGS, gpt, gpt_overrides)
         self.num_classes = self.cfg.num_classes
         self.tokenizer_path, self.tokenizer_config = tokenizer_path, tokenizer_config
         self.sample_kwargs = dict(

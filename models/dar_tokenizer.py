@@ -13,7 +13,6 @@ Flow convention (official): x_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1 data
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, safe_torch_load
+from models.presets import resolve_config
 
 
 @dataclass
@@ -130,9 +130,9 @@ DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
 }
 
 
-def make_tokenizer_config(name: str, overrides: dict | None = None) -> DARTokenizerConfig:
-    """A named config (`DAR_TOKENIZER_CONFIGS`) with field overrides."""
-    return dataclasses.replace(DAR_TOKENIZER_CONFIGS[name], **(overrides or {}))
+def make_tokenizer_config(name: str | dict | DARTokenizerConfig, overrides: dict | None = None) -> DARTokenizerConfig:
+    """A named config (`DAR_TOKENIZER_CONFIGS`), a dict of fields or a config, with field overrides."""
+    return resolve_config(DARTokenizerConfig, DAR_TOKENIZER_CONFIGS, name, overrides)
 
 
 #################################################################################
