@@ -20,9 +20,16 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from lightning_modules.base import GenerativeModule
-from models.checkpoint import load_state_dict_strict, safe_torch_load
+from models.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
 from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, sample_tokens
-from models.dar_tokenizer import DARTokenizer, DARTokenizerConfig, load_dar_tokenizer, make_tokenizer_config
+from models.dar_tokenizer import (
+    DARTokenizer,
+    DARTokenizerConfig,
+    build_dar_tokenizer,
+    dar_tokenizer_from_official,
+    load_dar_tokenizer,
+    make_tokenizer_config,
+)
 from models.presets import config_dict, resolve_config
 
 #################################################################################
@@ -338,7 +345,7 @@ class DARGPTModule(GenerativeModule):
         if not self._tokenizer:
             if self.tokenizer_path is None:
                 raise ValueError("DARGPTModule needs model.init_args.tokenizer_path for image batches and sampling")
-            tok = load_dar_tokenizer(self.tokenizer_path, self.tokenizer_config).requires_grad_(False)
+            tok = load_tokenizer_checkpoint(self.tokenizer_path, self.tokenizer_config).requires_grad_(False)
             if tok.cfg.num_tokens != self.cfg.block_size or tok.cfg.codebook_size != self.cfg.vocab_size:
                 raise ValueError(
                     f"tokenizer {self.tokenizer_path} makes {tok.cfg.num_tokens} tokens from {tok.cfg.codebook_size} "
@@ -385,3 +392,23 @@ class DARGPTModule(GenerativeModule):
         with self.sampling() as net:
             tokens = sample_tokens(net, labels.to(self.device), generator=generator, **kwargs)
         return self.tokenizer.decode_tokens(tokens, generator, self.decode_steps)
+
+
+def load_tokenizer_checkpoint(
+    path: str, config: DARTokenizerConfig | str | None = None, use_ema: bool = True
+) -> DARTokenizer:
+    """A D-AR tokenizer from an official file (`models.dar_tokenizer.load_dar_tokenizer`) or from the Lightning
+    checkpoint of a `DARTokenizerModule` run (EMA weights when present and use_ema; config from its hparams)."""
+    if not os.path.isfile(path):
+        return load_dar_tokenizer(path, config, use_ema)  # its not-found message names both kinds of file
+    ckpt = safe_torch_load(path)
+    if not (isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt):
+        return dar_tokenizer_from_official(ckpt, config, use_ema, source=path)
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: Lightning checkpoint without `state_dict`")
+    state = ckpt["state_dict"]
+    prefix = "ema_net." if use_ema and any(k.startswith("ema_net.") for k in state) else "net."
+    sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    hp = ckpt.get("hyper_parameters") or {}
+    stored = make_tokenizer_config(hp["config"], hp.get("config_overrides")) if "config" in hp else None
+    return build_dar_tokenizer(sd, config or stored, source=path)
