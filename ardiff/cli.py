@@ -5,19 +5,32 @@
     ardiff sample ...  |  ardiff eval ...  |  ardiff convert-ckpt ...
 
 Any LightningModule / LightningDataModule of the project can be named in YAML by `class_path`.
+
+Recipes are read with OmegaConf interpolation resolved over the whole merged config (jsonargparse "omegaconf+"), so
+a fact is written once and referenced: `${data.init_args.image_size}`, `${vars.data_root}/train`,
+`${trainer.default_root_dir}`. `vars:` holds free values that only serve interpolation. A recipe may start with
+`include: base.yaml` (a path or list, relative to the recipe): the included files are read first, as if given by
+earlier `-c` flags. Architecture presets (`arch: transdiff_large`, `gpt: L`, `config: v1`) are resolved while
+parsing, so `--print_config` shows their fields; `{preset: NAME, field: value}` changes single fields.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from jsonargparse import set_parsing_settings
+from jsonargparse.typing import register_type
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from models.checkpoint import check_checkpoint_file
+from models.presets import config_dict, preset_types, resolve_config
 
 # "command words" -> "module:function"; each function is `main(argv: list[str]) -> int` with its own argparse.
 SUBCOMMANDS: dict[tuple[str, ...], str] = {
@@ -31,8 +44,62 @@ SUBCOMMANDS: dict[tuple[str, ...], str] = {
 }
 
 
+def register_presets() -> None:
+    """Let jsonargparse read a preset name / field dict into each architecture config and dump it as its fields."""
+    for cls, presets in preset_types():
+
+        def deserializer(value: Any, cls: type = cls, presets: dict = presets) -> Any:
+            return resolve_config(cls, presets, value)
+
+        register_type(cls, serializer=config_dict, deserializer=deserializer, fail_already_registered=False)
+
+
+CONFIG_FLAGS = ("-c", "--config")
+
+
+def _read_recipe(path: str) -> Any:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def expand_includes(argv: list[str], _seen: tuple[str, ...] = ()) -> list[str]:
+    """`-c recipe.yaml` whose YAML has `include: base.yaml` -> `-c base.yaml -c <recipe without include>`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg, value = argv[i], None
+        if arg in CONFIG_FLAGS and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        elif arg.startswith("--config="):
+            value, step = arg.split("=", 1)[1], 1
+        if value is None or not os.path.isfile(value):
+            out.append(arg)
+            i += 1
+            continue
+        recipe = _read_recipe(value)
+        if not (isinstance(recipe, dict) and "include" in recipe):
+            out += ["--config", value]
+        else:
+            path = os.path.abspath(value)
+            if path in _seen:
+                raise ValueError(f"{value}: include cycle through {' -> '.join(_seen + (path,))}")
+            includes = recipe.pop("include")
+            for inc in [includes] if isinstance(includes, str) else includes:
+                inc_path = os.path.join(os.path.dirname(value), inc)
+                if not os.path.isfile(inc_path):
+                    raise FileNotFoundError(f"{value}: include {inc!r} not found (looked for {inc_path})")
+                out += expand_includes(["--config", inc_path], _seen + (path,))
+            out += ["--config", yaml.safe_dump(recipe, sort_keys=False)]
+        i += step
+    return out
+
+
 class ArdiffCLI(LightningCLI):
-    """LightningCLI in subclass mode; checks a resume checkpoint up front, prints where logs and checkpoints went."""
+    """LightningCLI in subclass mode with OmegaConf interpolation over the merged recipe; checks a resume
+    checkpoint up front, prints where logs and checkpoints went."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--vars", type=dict[str, Any], default={}, help="free values for ${vars.NAME}")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the resume checkpoint's hyperparameters while parsing: check the file first, so a
@@ -80,12 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     if code is not None:
         return code
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+; no effect on CPU
+    register_presets()
+    # `${data.init_args.image_size}` in a recipe means the key of the recipe, not of the subcommand's parent parser
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    argv = expand_includes(argv)
+    if from_shell:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
     ArdiffCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         args=None if from_shell else argv,
     )
     return 0

@@ -1,6 +1,7 @@
 """`ardiff sample`: generate N class-balanced images from a checkpoint into an ADM-format npz and/or a PNG folder.
 
     ardiff sample --module lightning_modules.transdiff.TransDiffModule --ckpt last.ckpt --out samples.npz
+    ardiff sample --preset transdiff_large --ckpt checkpoint-last.pth --vae kl16.ckpt --out samples.npz  (released)
     torchrun --nproc_per_node 8 -m ardiff.sample --config run.yaml --ckpt last.ckpt --out s.npz --set cfg_scale=1.5
 
 The sample set is the `SamplePlan` of callbacks/sampling.py (labels `i * C // N`, chunk k seeded `seed + k`), so the
@@ -25,6 +26,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from ardiff.official import PRESETS, load_official
 from callbacks.sampling import SamplePlan, eval_mode, generate_chunk
 from models.checkpoint import check_checkpoint_file, safe_torch_load
 
@@ -40,7 +42,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src.add_argument(
         "--config", help="LightningCLI YAML; its `model:` section (class_path/init_args) builds the module"
     )
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt file, or an FSDP2 checkpoint folder)")
+    src.add_argument(
+        "--preset",
+        help="released weights with the official evaluation settings (ardiff/official.py): " + ", ".join(PRESETS),
+    )
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning checkpoint (.ckpt file, or an FSDP2 checkpoint folder); with --preset the official file",
+    )
+    p.add_argument("--vae", help="--preset transdiff_*: MAR's KL-16 VAE weights (kl16.ckpt)")
+    p.add_argument("--tokenizer", help="--preset dar_*: the D-AR tokenizer file (D-AR-tokenizer_v1.pt)")
     p.add_argument("--out", help="ADM-format npz to write (arr_0 uint8 NxHxWx3, labels)")
     p.add_argument("--png-dir", help="also (or only) write <index:06d>.png files here")
     p.add_argument("--num-samples", type=int, default=50_000)
@@ -173,10 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> int:
     overrides = parse_overrides(args.set)
-    pl_module = load_module(args.module, args.config, args.ckpt).to(device)
+    if args.preset:
+        pl_module = load_official(args.preset, args.ckpt, args.tokenizer, args.vae).to(device)
+    else:
+        pl_module = load_module(args.module, args.config, args.ckpt).to(device)
     plan = SamplePlan(args.num_samples, args.num_classes or pl_module.num_classes, args.chunk_size, args.seed)
     chunk_dir = args.chunk_dir or (args.out or args.png_dir.rstrip("/")) + ".chunks"
     record = {"plan": dataclasses.asdict(plan), "overrides": overrides, "ckpt": os.path.abspath(args.ckpt)}
+    if args.preset:
+        record["preset"] = args.preset
     check_plan_file(chunk_dir, record, rank == 0)
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)

@@ -31,7 +31,7 @@ def inception_weights(tmp: str) -> tuple[str, str]:
     try:
         return resolve_inception_weights(None, download=False), "real"
     except FileNotFoundError:
-        from tests.test_eval_common import make_random_inception_weights
+        from ardiff.testing import make_random_inception_weights
 
         return make_random_inception_weights(Path(tmp) / "random_inception.pth"), "random"
 

@@ -198,10 +198,10 @@ def main_cache_latents(argv: list[str] | None = None) -> int:
 
 def main_cache_tokens(argv: list[str] | None = None) -> int:
     """`ardiff data cache-tokens`: D-AR tokenizer token ids for image and flip."""
-    from models.dar_tokenizer import load_dar_tokenizer
+    from lightning_modules.dar import load_tokenizer_checkpoint
 
     args = _cache_args("ardiff data cache-tokens", "--tokenizer", "D-AR tokenizer checkpoint", argv)
-    tok = load_dar_tokenizer(args.model).to(args.device).eval()
+    tok = load_tokenizer_checkpoint(args.model).to(args.device).eval()
     n = run_feature_cache(
         args.shards, args.out, lambda x: tok.encode_tokens(x).long(), "tokens", args.image_size,
         args.batch_size, args.device, procs=args.procs,

@@ -310,12 +310,14 @@ class GenerativeModule(L.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             dp_mesh = self.device_mesh["data_parallel"]
+            # bf16 MixedPrecisionPolicy and reshard policy from FSDP2Strategy (trainer precision bf16-mixed)
+            options = getattr(self.trainer.strategy, "fully_shard_kwargs", lambda root: {})
             for net in (self.net, self.ema_net):
                 if net is None:
                     continue
                 for block in self.fsdp_blocks(net):
-                    fully_shard(block, mesh=dp_mesh)
-                fully_shard(net, mesh=dp_mesh)
+                    fully_shard(block, mesh=dp_mesh, **options(root=False))
+                fully_shard(net, mesh=dp_mesh, **options(root=True))
             self._sharded = True
         if self.compile_net and not getattr(self, "_compiled", False):
             self.net.compile()

@@ -8,7 +8,6 @@ without them (the CPU demo does).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -21,9 +20,17 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from lightning_modules.base import GenerativeModule
-from models.checkpoint import load_state_dict_strict, safe_torch_load
-from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, sample_tokens
-from models.dar_tokenizer import DARTokenizer, load_dar_tokenizer, make_tokenizer_config
+from models.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
+from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, sample_tokens
+from models.dar_tokenizer import (
+    DARTokenizer,
+    DARTokenizerConfig,
+    build_dar_tokenizer,
+    dar_tokenizer_from_official,
+    load_dar_tokenizer,
+    make_tokenizer_config,
+)
+from models.presets import config_dict, resolve_config
 
 #################################################################################
 #                 Frozen loss networks (pretrained weights needed)              #
@@ -158,7 +165,7 @@ class DARTokenizerModule(GenerativeModule):
 
     def __init__(
         self,
-        config: str = "v1",
+        config: DARTokenizerConfig | str = "v1",
         config_overrides: dict[str, Any] | None = None,
         lpips_weight: float = 0.5,
         repa_weight: float = 0.5,
@@ -179,6 +186,8 @@ class DARTokenizerModule(GenerativeModule):
             lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
             ema_decay=ema_decay, **kwargs,
         )  # fmt: skip
+        if not isinstance(config, str):  # the CLI passes the resolved config: store plain fields in the hparams
+            config = config_dict(make_tokenizer_config(config))
         self.save_hyperparameters()
         self.cfg = make_tokenizer_config(config, config_overrides)
         self.num_classes, self.image_size = 1, self.cfg.image_size
@@ -288,7 +297,7 @@ class DARGPTModule(GenerativeModule):
 
     def __init__(
         self,
-        gpt: str = "L",
+        gpt: GPTConfig | str = "L",
         gpt_overrides: dict[str, Any] | None = None,
         tokenizer_path: str | None = None,
         tokenizer_config: str | None = None,
@@ -313,8 +322,10 @@ class DARGPTModule(GenerativeModule):
             lr=lr, weight_decay=weight_decay, betas=betas, lr_schedule=lr_schedule, decay_start_step=decay_start_step,
             total_steps=total_steps, min_lr=min_lr, ema_decay=ema_decay, **kwargs,
         )  # fmt: skip
+        if not isinstance(gpt, str):  # the CLI passes the resolved config: store plain fields in the hparams
+            gpt = config_dict(resolve_config(GPTConfig, DAR_GPT_CONFIGS, gpt))
         self.save_hyperparameters()
-        self.cfg = dataclasses.replace(DAR_GPT_CONFIGS[gpt], **(gpt_overrides or {}))
+        self.cfg = resolve_config(GPTConfig, DAR_GPT_CONFIGS, gpt, gpt_overrides)
         self.num_classes = self.cfg.num_classes
         self.tokenizer_path, self.tokenizer_config = tokenizer_path, tokenizer_config
         self.sample_kwargs = dict(
@@ -334,7 +345,7 @@ class DARGPTModule(GenerativeModule):
         if not self._tokenizer:
             if self.tokenizer_path is None:
                 raise ValueError("DARGPTModule needs model.init_args.tokenizer_path for image batches and sampling")
-            tok = load_dar_tokenizer(self.tokenizer_path, self.tokenizer_config).requires_grad_(False)
+            tok = load_tokenizer_checkpoint(self.tokenizer_path, self.tokenizer_config).requires_grad_(False)
             if tok.cfg.num_tokens != self.cfg.block_size or tok.cfg.codebook_size != self.cfg.vocab_size:
                 raise ValueError(
                     f"tokenizer {self.tokenizer_path} makes {tok.cfg.num_tokens} tokens from {tok.cfg.codebook_size} "
@@ -381,3 +392,23 @@ class DARGPTModule(GenerativeModule):
         with self.sampling() as net:
             tokens = sample_tokens(net, labels.to(self.device), generator=generator, **kwargs)
         return self.tokenizer.decode_tokens(tokens, generator, self.decode_steps)
+
+
+def load_tokenizer_checkpoint(
+    path: str, config: DARTokenizerConfig | str | None = None, use_ema: bool = True
+) -> DARTokenizer:
+    """A D-AR tokenizer from an official file (`models.dar_tokenizer.load_dar_tokenizer`) or from the Lightning
+    checkpoint of a `DARTokenizerModule` run (EMA weights when present and use_ema; config from its hparams)."""
+    if not os.path.isfile(path):
+        return load_dar_tokenizer(path, config, use_ema)  # its not-found message names both kinds of file
+    ckpt = safe_torch_load(path)
+    if not (isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt):
+        return dar_tokenizer_from_official(ckpt, config, use_ema, source=path)
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: Lightning checkpoint without `state_dict`")
+    state = ckpt["state_dict"]
+    prefix = "ema_net." if use_ema and any(k.startswith("ema_net.") for k in state) else "net."
+    sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    hp = ckpt.get("hyper_parameters") or {}
+    stored = make_tokenizer_config(hp["config"], hp.get("config_overrides")) if "config" in hp else None
+    return build_dar_tokenizer(sd, config or stored, source=path)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_modules.base import GenerativeModule
-from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
+from models.presets import config_dict, resolve_config
+from models.transdiff import TRANSDIFF_CONFIGS, TransDiff, TransDiffConfig
 from models.vae import KL16VAE, DiagonalGaussian, IdentityAutoencoder, load_kl16
 
 
@@ -39,7 +39,8 @@ class TransDiffModule(GenerativeModule):
     """TransDiff (1-step AR) or MRAR training on `image` batches (through the frozen VAE) or cached `moments`.
 
     Args:
-        arch: a preset of `models.transdiff.TRANSDIFF_CONFIGS` (transdiff_base/large/huge[_mrar], tiny[_mrar]).
+        arch: a preset of `models.transdiff.TRANSDIFF_CONFIGS` (transdiff_base/large/huge[_mrar], tiny[_mrar]), a
+            `TransDiffConfig`, or a dict of its fields (optionally with `preset:`); the CLI prints it resolved.
         arch_overrides: `TransDiffConfig` fields to change (e.g. grad_checkpointing, diffusion_batch_mul).
         vae: "kl16" (MAR's KL-16, weights from `vae_path` or $ARDIFF_KL16) or "identity" (pixel space).
         num_steps, cfg, scale_0, scale_1: sampling defaults (official sampler; cfg may be per MRAR round).
@@ -49,7 +50,7 @@ class TransDiffModule(GenerativeModule):
 
     def __init__(
         self,
-        arch: str = "transdiff_large",
+        arch: TransDiffConfig | str = "transdiff_large",
         arch_overrides: dict[str, Any] | None = None,
         vae: Literal["kl16", "identity"] = "kl16",
         vae_path: str | None = None,
@@ -62,8 +63,10 @@ class TransDiffModule(GenerativeModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(weight_decay=weight_decay, betas=betas, **kwargs)
+        if not isinstance(arch, str):  # the CLI passes the resolved config: store plain fields in the hparams
+            arch = config_dict(resolve_config(TransDiffConfig, TRANSDIFF_CONFIGS, arch))
         self.save_hyperparameters()
-        config = replace(TRANSDIFF_CONFIGS[arch], **(arch_overrides or {}))
+        config = resolve_config(TransDiffConfig, TRANSDIFF_CONFIGS, arch, arch_overrides)
         self.net = TransDiff(config)
         self.num_classes, self.image_size = config.num_classes, config.img_size
         self.vae_kind, self.vae_path = vae, vae_path

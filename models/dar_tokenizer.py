@@ -13,11 +13,11 @@ Flow convention (official): x_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1 data
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, safe_torch_load
+from models.presets import resolve_config
 
 
 @dataclass
@@ -130,9 +131,9 @@ DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
 }
 
 
-def make_tokenizer_config(name: str, overrides: dict | None = None) -> DARTokenizerConfig:
-    """A named config (`DAR_TOKENIZER_CONFIGS`) with field overrides."""
-    return dataclasses.replace(DAR_TOKENIZER_CONFIGS[name], **(overrides or {}))
+def make_tokenizer_config(name: str | dict | DARTokenizerConfig, overrides: dict | None = None) -> DARTokenizerConfig:
+    """A named config (`DAR_TOKENIZER_CONFIGS`), a dict of fields or a config, with field overrides."""
+    return resolve_config(DARTokenizerConfig, DAR_TOKENIZER_CONFIGS, name, overrides)
 
 
 #################################################################################
@@ -566,7 +567,8 @@ class DARTokenizer(nn.Module):
 
 def load_dar_tokenizer(path: str, config: DARTokenizerConfig | str | None = None, use_ema: bool = True) -> DARTokenizer:
     """Load an official D-AR tokenizer file (`ema` > `model` > raw state dict; its pickled `config_util.Config`
-    is read without executing code) or an ardiff Lightning checkpoint of `DARTokenizerModule`. Strict keys.
+    is read without executing code). Strict keys. (Lightning checkpoints of a `DARTokenizerModule` run:
+    `lightning_modules.dar.load_tokenizer_checkpoint`, which reads both.)
 
     config: overrides the configuration (name in DAR_TOKENIZER_CONFIGS or a config); default: the one stored in
     the file, else `v1`.
@@ -576,25 +578,35 @@ def load_dar_tokenizer(path: str, config: DARTokenizerConfig | str | None = None
             f"D-AR tokenizer checkpoint not found: {path!r}. Download D-AR-tokenizer_v1.pt from the Hugging Face "
             "repo showlab/D-AR, or pass the .ckpt of a DARTokenizerModule run."
         )
-    ckpt = safe_torch_load(path)
+    return dar_tokenizer_from_official(safe_torch_load(path), config, use_ema, source=path)
+
+
+def dar_tokenizer_from_official(
+    ckpt: Any, config: DARTokenizerConfig | str | None = None, use_ema: bool = True, source: str = "checkpoint"
+) -> DARTokenizer:
+    """`load_dar_tokenizer` on an already loaded official checkpoint dict."""
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    if "pytorch-lightning_version" in ckpt:  # ardiff DARTokenizerModule checkpoint
-        prefix = "ema_net." if use_ema and any(k.startswith("ema_net.") for k in ckpt["state_dict"]) else "net."
-        sd = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        hp = ckpt.get("hyper_parameters") or {}
-        stored = make_tokenizer_config(hp["config"], hp.get("config_overrides")) if "config" in hp else None
-    else:
-        sd = extract_state_dict(ckpt, ("ema", "model", "state_dict") if use_ema else ("model", "state_dict"))
-        stored = ckpt.get("config")
-        if stored is not None:
-            stored = stored.to_dict() if hasattr(stored, "to_dict") else stored
-            stored = stored.get("_data", stored)  # official Config keeps its dict in `_data`
-            stored = DARTokenizerConfig.from_official(stored["model"])
-    if isinstance(config, str):
-        config = DAR_TOKENIZER_CONFIGS[config]
-    cfg = config or stored or DAR_TOKENIZER_CONFIGS["v1"]
+        raise CheckpointError(f"{source}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    if "pytorch-lightning_version" in ckpt:
+        raise CheckpointError(
+            f"{source} is a Lightning checkpoint, not an official D-AR tokenizer file; load it with "
+            "lightning_modules.dar.load_tokenizer_checkpoint (the `ardiff` commands do)"
+        )
+    sd = extract_state_dict(ckpt, ("ema", "model", "state_dict") if use_ema else ("model", "state_dict"))
+    stored = ckpt.get("config")
+    if stored is not None:
+        stored = stored.to_dict() if hasattr(stored, "to_dict") else stored
+        stored = stored.get("_data", stored)  # official Config keeps its dict in `_data`
+        stored = DARTokenizerConfig.from_official(stored["model"])
+    return build_dar_tokenizer(sd, config or stored, source=source)
+
+
+def build_dar_tokenizer(
+    state_dict: dict[str, Tensor], config: DARTokenizerConfig | str | None = None, source: str = "state dict"
+) -> DARTokenizer:
+    """A tokenizer (eval mode) with `state_dict` loaded strictly; config: preset name or config (default v1)."""
+    cfg = make_tokenizer_config(config) if config is not None else DAR_TOKENIZER_CONFIGS["v1"]
     with torch.device("meta"):
         model = DARTokenizer(cfg)
-    load_state_dict_strict(model, sd, source=path, assign=True)
+    load_state_dict_strict(model, state_dict, source=source, assign=True)
     return model.eval()

@@ -217,7 +217,8 @@ class TimestepEmbedder(nn.Module):
         self.time_proj = nn.Linear(dim, 6 * dim)
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        temb = self.time_embedder.linear_2(F.silu(self.time_embedder.linear_1(timestep_embedding(t, self.freq_dim))))
+        freq = timestep_embedding(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)  # bf16 under FSDP2
+        temb = self.time_embedder.linear_2(F.silu(self.time_embedder.linear_1(freq)))
         return temb, self.time_proj(F.silu(temb))
 
 
@@ -251,7 +252,8 @@ class DiffusionDecoder(nn.Module):
         self.final_layer = FinalLayer(dim, token_dim)
 
     def forward(self, x: Tensor, c: Tensor, t: Tensor) -> Tensor:
-        x = self.input_proj(x) + self.diffusion_pos_embed_learned  # (B, N, D)
+        # fp32 noisy input -> the parameters' dtype (bf16 under FSDP2's MixedPrecisionPolicy; no-op in fp32)
+        x = self.input_proj(x.to(self.input_proj.weight.dtype)) + self.diffusion_pos_embed_learned  # (B, N, D)
         temb, t6 = self.time_embed(t)  # (B, D), (B, 6D)
         t6 = t6.unflatten(1, (6, -1))  # (B, 6, D)
         c = self.cond_embed(c)  # (B, M, D)

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_modules.dar import DARGPTModule, DARTokenizerModule, load_dinov2, load_lpips
-from models.dar_tokenizer import load_dar_tokenizer
+from lightning_modules.dar import DARGPTModule, DARTokenizerModule, load_dinov2, load_lpips, load_tokenizer_checkpoint
 
 torch.set_num_threads(1)
 
@@ -119,7 +118,7 @@ def test_two_stage_training_and_sampling(tmp_path):
     ckpt = tmp_path / "tokenizer.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    tok = load_dar_tokenizer(str(ckpt))  # EMA weights of the Lightning checkpoint
+    tok = load_tokenizer_checkpoint(str(ckpt))  # EMA weights of the Lightning checkpoint
     assert tok.cfg.num_tokens == 32
     for k, v in tok.state_dict().items():
         assert torch.equal(v, tok_module.ema_net.state_dict()[k])

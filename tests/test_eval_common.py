@@ -4,8 +4,6 @@ plan and of the Inception weights lookup."""
 import json
 import os
 import urllib.error
-from pathlib import Path
-from unittest import mock
 
 import lightning as L
 import pytest
@@ -14,6 +12,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ardiff.testing import make_random_inception_weights  # noqa: F401  (re-exported for the tests)
 from callbacks.inception import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, resolve_inception_weights
 from callbacks.sampling import SamplePlan
 
@@ -85,24 +84,6 @@ def smooth_images(n: int, size: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 4, 4, generator=gen)
     return (nn.functional.interpolate(low, size=size, mode="bilinear") * 255).round().to(torch.uint8)
-
-
-def make_random_inception_weights(path: Path) -> str:
-    """Save randomly initialised weights with torch-fidelity's real key names (its loading bypassed); the conv
-    weights are He-initialised so that features do not vanish through the 90+ layers."""
-    if not path.exists():
-        no_load = mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), no_load:
-            model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d | nn.Linear):
-                    fan_in = m.weight[0].numel()
-                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
-        torch.save(model.state_dict(), str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
-    return str(path)
 
 
 def shrink_inception_input() -> None:
