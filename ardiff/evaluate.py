@@ -11,21 +11,14 @@ crop (as used to build the ADM reference batch) to folder/shard images; generate
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Iterator
-from glob import glob
 
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch import Tensor
 
 from callbacks.inception import build_inception, extract_features
-from callbacks.metrics import compute_metrics, load_reference, nhwc_to_nchw, stats_from_features
-from datamodules.transforms import IMAGE_FIELDS, center_crop_arr, decode_image, image_bytes
-from datamodules.webdataset import expand_shards
+from callbacks.metrics import compute_metrics, load_reference, stats_from_features
+from datamodules.images import iter_images
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,50 +40,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.ref and not args.write_ref:
         p.error("give --ref (to evaluate) or --write-ref (to make reference statistics)")
     return args
-
-
-def _is_shards(source: str) -> bool:
-    return source.endswith(".tar") or "{" in source or (os.path.isdir(source) and bool(glob(f"{source}/*.tar")))
-
-
-def _pil_to_uint8(img: Image.Image, image_size: int | None) -> np.ndarray:
-    img = center_crop_arr(img.convert("RGB"), image_size) if image_size else img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-
-
-def iter_images(source: str, batch_size: int, image_size: int | None = None) -> Iterator[Tensor]:
-    """uint8 (B,3,H,W) batches of the images in an npz, an image folder, or WebDataset shards (in a fixed order)."""
-    if source.endswith(".npz"):
-        with np.load(source) as npz:
-            arr = npz["arr_0"]  # (N, H, W, 3) uint8
-        for start in range(0, len(arr), batch_size):
-            yield nhwc_to_nchw(arr[start : start + batch_size])
-        return
-    if _is_shards(source):
-        samples = wds.tariterators.tarfile_samples({"url": u} for u in expand_shards(source))
-        arrays = (_pil_to_uint8(decode_image(image_bytes(s)), image_size) for s in samples)
-    elif os.path.isdir(source):
-        exts = {f".{e}" for e in IMAGE_FIELDS}
-        files = sorted(f for f in os.listdir(source) if os.path.splitext(f)[1].lower() in exts)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(exts))}) in {source}")
-        arrays = (_pil_to_uint8(Image.open(os.path.join(source, f)), image_size) for f in files)
-    else:
-        raise FileNotFoundError(f"{source}: not an npz, an image folder or WebDataset shards")
-    batch = []
-    for arr in arrays:
-        batch.append(arr)
-        if len(batch) == batch_size:
-            yield nhwc_to_nchw(_stack(batch, source))
-            batch = []
-    if batch:
-        yield nhwc_to_nchw(_stack(batch, source))
-
-
-def _stack(arrays: list[np.ndarray], source: str) -> np.ndarray:
-    if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"{source}: images of different sizes; pass --image-size to center-crop them to one size")
-    return np.stack(arrays)
 
 
 def extract_all(inception: torch.nn.Module, source: str, args: argparse.Namespace) -> dict[str, Tensor]:
