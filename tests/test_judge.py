@@ -164,8 +164,11 @@ class RealImages(FakeGenerator):
         return self.images[torch.cat(picks)].float() / 127.5 - 1  # (B, 3, 16, 16) in [-1, 1]
 
 
+TRAIN_KWARGS = {"model_kwargs": TINY, "epochs": 6, "batch_size": 16, "lr": 5e-3, "image_size": 16}
+
+
 def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, capsys):
-    train_kwargs = {"model_kwargs": TINY, "epochs": 6, "batch_size": 16, "lr": 5e-3, "image_size": 16}
+    train_kwargs = TRAIN_KWARGS
     real = JudgeCallback(judge="auto", num_samples=40, chunk_size=20, train_kwargs=train_kwargs)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, callbacks=[real],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -184,6 +187,30 @@ def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, 
     assert "training one" not in capsys.readouterr().out  # the cached judge is reused
     assert blind.last_metrics["class_acc"] == pytest.approx(0.25, abs=0.07)  # chance for 4 classes, 400 samples
     assert blind.last_metrics["fd_judge"] < 5 * max(real.last_metrics["fd_judge"], 1e-3) + 1  # same image set
+
+
+def test_ardiff_eval_with_judge(colour_shards, tmp_path):
+    from ardiff import evaluate
+    from callbacks.judge import ensure_judge
+    from datamodules.images import load_labeled_images
+
+    judge = ensure_judge(str(colour_shards / "train" / "judge_resnet10t_16.pt"), str(colour_shards / "train"),
+                         str(colour_shards / "val"), **TRAIN_KWARGS)  # fmt: skip
+    out = tmp_path / "m.json"
+    val, train = str(colour_shards / "val"), str(colour_shards / "train")
+    assert evaluate.main([val, "--judge", judge, "--judge-ref", train, "--json", str(out)]) == 0
+    real = json.loads(out.read_text())
+    assert real["class_acc"] == 1.0 and real["num_images"] == 40 and real["fd_judge"] > 0  # val vs train images
+
+    images, labels = load_labeled_images(val)  # as `ardiff sample` writes: arr_0 (N,H,W,3), labels (N,)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=((labels + 1) % 4).numpy())
+    ref = tmp_path / "ref.npz"
+    assert evaluate.main([train, "--judge", judge, "--write-judge-ref", str(ref)]) == 0
+    assert evaluate.main([str(wrong), "--judge", judge, "--judge-ref", str(ref), "--json", str(out)]) == 0
+    shifted = json.loads(out.read_text())
+    assert shifted["class_acc"] == 0.0  # every label is off by one
+    assert shifted["fd_judge"] == pytest.approx(real["fd_judge"], rel=1e-6)  # same images, cached reference
 
 
 def test_judge_file_is_safe_and_missing_file_says_how(tmp_path):
