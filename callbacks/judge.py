@@ -42,9 +42,10 @@ from callbacks.sampling import SamplePlan, eval_mode, iter_rank_chunks
 from datamodules.images import iter_images, load_labeled_images, shard_dir
 
 JUDGE_FORMAT = "ardiff-judge-v1"
-# the judge trained on small data sets: timm's resnet10t, half width, stride 8 (a 4x4 final map at 32 px)
+# the judge trained on small data sets: timm's resnet10t at a quarter width, stride 8 (a 4x4 final map at 32 px):
+# 0.32M parameters, ~42 MFLOP per 32 px image (forward + backward); >99% held-out accuracy on the demo shapes
 SMALL_ARCH = "resnet10t"
-SMALL_KWARGS = {"output_stride": 8, "channels": [32, 64, 128, 256], "stem_width": 16}
+SMALL_KWARGS = {"output_stride": 8, "channels": [16, 32, 64, 128], "stem_width": 16}
 
 
 class Judge(nn.Module):
@@ -201,9 +202,9 @@ def train_judge(
     arch: str = SMALL_ARCH,
     model_kwargs: dict | None = None,
     image_size: int = 32,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 2e-3,
+    epochs: int = 12,
+    batch_size: int = 64,
+    lr: float = 3e-3,
     weight_decay: float = 0.05,
     max_shift: int = 3,
     flip: bool = False,
@@ -350,7 +351,8 @@ class JudgeCallback(L.Callback):
         judge: "auto" (a judge trained on the DataModule's train shards on first use, cached as
             `<train shard dir>/judge_<arch>_<image_size>.pt`), an ardiff judge file, or timm weights of `arch`.
         arch: timm architecture ("auto" training, or the architecture of timm weights given as `judge`).
-        train_if_missing: when `judge` is a path that does not exist, train it there (on the train shards).
+        train_if_missing: when `judge` is a path that does not exist, train a small judge there on the train shards
+            (as "auto" does); off by default, so that a mistyped path to pretrained weights is an error.
         reference: npz of judge reference statistics; default: computed from the DataModule's val shards on first
             use (rank 0, center-cropped to the DataModule's image_size) and cached next to the judge file.
         num_samples / chunk_size / seed / num_classes / sample_kwargs: the sample set, as in FIDCallback.
@@ -361,7 +363,7 @@ class JudgeCallback(L.Callback):
         self,
         judge: str = "auto",
         arch: str = SMALL_ARCH,
-        train_if_missing: bool = True,
+        train_if_missing: bool = False,
         reference: str | None = None,
         num_samples: int = 1000,
         chunk_size: int = 100,
@@ -522,9 +524,9 @@ def main_train(argv: list[str] | None = None) -> int:
     p.add_argument("--model-kwargs", type=json.loads, help=f"timm create_model kwargs as JSON (default for "
                    f"{SMALL_ARCH}: {json.dumps(SMALL_KWARGS)})")  # fmt: skip
     p.add_argument("--image-size", type=int, default=32, help="center-crop shard images to this size")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--flip", action="store_true", help="random horizontal flips (never for digits or text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, help="train on the first N images only")
