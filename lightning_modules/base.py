@@ -274,6 +274,11 @@ class GenerativeModule(L.LightningModule):
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        count = lambda ps: sum(p.numel() for p in ps)
+        rank_zero_info(
+            f"[ardiff] AdamW groups: {len(decay)} tensors with weight decay {self.weight_decay} ({count(decay):,} "
+            f"parameters), {len(no_decay)} tensors without ({count(no_decay):,} parameters)"
+        )
         lr = self.peak_lr()
         params = decay + no_decay
         sharded = any(hasattr(p, "to_local") for p in params)
