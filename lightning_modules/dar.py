@@ -214,6 +214,7 @@ class DARTokenizerModule(GenerativeModule):
         logs = {k: out[k] for k in ("fm_loss", "vq_loss", "commit_loss", "codebook_usage")}
         lpips = self.loss_net("lpips")
         if lpips is not None:
+            lpips.train(self.training)  # official (vq_loss.train()): the lin layers' Dropout(0.5) is active in training
             logs["lpips"] = lpips(x.float(), out["x1_hat"].float()).mean()
             loss = loss + self.lpips_weight * logs["lpips"]
         dino = self.loss_net("repa")
