@@ -343,7 +343,11 @@ class FlowDecoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Cosine-similarity VQ: z and the codebook are l2-normalised; straight-through estimator."""
+    """Cosine-similarity VQ: z and the codebook are l2-normalised; straight-through estimator.
+
+    The similarities take the ambient precision, as in the official code: bf16 under bf16 autocast (tokenizer
+    training with `bf16-mixed`, like the official accelerate bf16 run), fp32 otherwise (token caching, evaluation).
+    """
 
     def __init__(self, cfg: DARTokenizerConfig) -> None:
         super().__init__()
@@ -365,7 +369,7 @@ class VectorQuantizer(nn.Module):
         """
         z = F.normalize(z, dim=-1)
         codebook = self.codebook()
-        ids = torch.argmax(z.detach().float() @ codebook.float().t(), dim=-1)  # nearest neighbour under cosine distance
+        ids = torch.argmax(z.detach() @ codebook.t(), dim=-1)  # nearest neighbour under cosine distance
         z_q = codebook[ids]
         losses: dict[str, Tensor] = {}
         if loss_upto is not None:

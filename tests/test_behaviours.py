@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import models.dar_gpt as dar_gpt
@@ -231,3 +232,93 @@ def test_training_latents_are_posterior_samples_not_means():
     eps = torch.randn(3, 16, 2, 2)
     assert m.vae.scale_factor == 1.0 and KL16VAE.scale_factor == 0.2325  # pixel-space stand-in; MAR's KL-16
     torch.testing.assert_close(z, mean + 0.5 * eps)  # std = exp(logvar / 2) = 0.5
+
+
+# ---------------------------------------------------------------------------------------------------- EMA
+def test_first_ema_update_blends_like_the_official_update_ema(tmp_path):
+    """Official (MAR/TransDiff, D-AR): EMA starts as a copy and every step, the first included, blends."""
+    import lightning as L
+
+    from tests.toy import ToyData, ToyGenerator
+
+    torch.manual_seed(0)
+    m = ToyGenerator(lr=0.1, ema_decay=0.75, warmup_steps=0)
+    init = {k: v.clone() for k, v in m.net.state_dict().items()}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(m, ToyData())
+    new, ema = m.net.state_dict(), m.ema_net.state_dict()
+    assert any(not torch.equal(new[k], init[k]) for k in new)
+    for k in new:
+        torch.testing.assert_close(ema[k], 0.75 * init[k] + 0.25 * new[k])
+
+
+def _toy_sd(seed: int) -> dict[str, Tensor]:
+    from tests.toy import ToyNet
+
+    torch.manual_seed(seed)
+    return ToyNet().state_dict()
+
+
+@pytest.mark.parametrize("lightning_file", [False, True])
+def test_init_from_loads_raw_into_net_and_ema_into_the_ema_copy(tmp_path, lightning_file):
+    from tests.toy import ToyGenerator
+
+    raw, ema = _toy_sd(1), _toy_sd(2)
+    path = tmp_path / "init.pt"
+    if lightning_file:
+        sd = {**{f"net.{k}": v for k, v in raw.items()}, **{f"ema_net.{k}": v for k, v in ema.items()}}
+        torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": sd}, path)
+    else:
+        torch.save({"model": raw, "model_ema": ema}, path)
+    for use_ema, expect_ema in ((True, ema), (False, raw)):
+        m = ToyGenerator(ema_decay=0.9, init_from=str(path), init_use_ema=use_ema)
+        m.load_init_weights(str(path))
+        for k in raw:
+            assert torch.equal(m.net.state_dict()[k], raw[k]), k
+            assert torch.equal(m.ema_net.state_dict()[k], expect_ema[k]), k
+    # a file with EMA weights only initialises both from them
+    torch.save({"ema": ema}, path)
+    m = ToyGenerator(ema_decay=0.9, init_from=str(path))
+    m.load_init_weights(str(path))
+    assert all(
+        torch.equal(m.net.state_dict()[k], ema[k]) and torch.equal(m.ema_net.state_dict()[k], ema[k]) for k in ema
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+def test_dar_recipes_sample_with_the_official_cfg_schedules():
+    """D-AR-L: the official FID script's 1.2 -> 8.0 (eval_c2i_fid.sh); D-AR-XL: the paper's 1.1 -> 10.0."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "dar"
+    for size, expected in (("L", (1.2, 8.0)), ("XL", (1.1, 10.0))):
+        args = yaml.safe_load((root / f"gpt_{size}.yaml").read_text())["model"]["init_args"]
+        assert (args["cfg_start"], args["cfg_end"]) == expected == dar_gpt.DAR_CFG_SCHEDULES[size]
+        assert (args["temperature"], args["top_k"], args["top_p"]) == (1.0, 0, 1.0)
+
+
+def test_gpt_chunk_after_a_cached_prefix_is_refused():
+    model = DARGPT(DAR_GPT_CONFIGS["tiny"]).eval()
+    caches = [dar_gpt.KVCache() for _ in model.layers]
+    with torch.no_grad():
+        model.transformer(model.cls_embedding(torch.tensor([1])), 0, caches)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model.transformer(model.tok_embeddings(torch.tensor([[1, 2]])), 1, caches)
+
+
+def test_vq_distances_take_the_ambient_precision_as_official():
+    """Official training computes the VQ distances under bf16 autocast; ours too (and exactly in fp32 without)."""
+    from models.dar_tokenizer import DARTokenizerConfig, VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(DARTokenizerConfig(codebook_size=4096, vq_dim=8))
+    z = torch.randn(2, 512, 8)
+    zn, en = F.normalize(z, dim=-1), F.normalize(vq.embedding.weight, dim=-1)
+    assert torch.equal(vq(z)[1], (zn.double() @ en.double().t()).argmax(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ids, _ = vq(z)
+    bf16 = (zn.bfloat16() @ en.bfloat16().t()).argmax(-1)
+    assert torch.equal(ids, bf16) and not torch.equal(bf16, (zn.double() @ en.double().t()).argmax(-1))
