@@ -338,3 +338,29 @@ def test_recipes_train_on_the_official_crops():
     for size in ("base", "large", "huge"):  # 1-step recipes read cached center-crop latents (+ flip), as official
         data = yaml.safe_load((root / f"transdiff/transdiff_{size}.yaml").read_text())["data"]["init_args"]
         assert data["kind"] == "latent" and data.get("crop", "center") == "center"
+
+
+# ---------------------------------------------------------------------------------------------------- bf16 weights
+def test_bf16_inference_copy_of_the_gpt(monkeypatch):
+    from tests.test_golden import load
+
+    g = load("dar_gpt")
+    model = DARGPT(dar_gpt.GPTConfig(**g["config"]))
+    model.load_state_dict(g["state_dict"])
+    model.eval()
+    fast = dar_gpt.bf16_inference_copy(model)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters()) and fast.freqs_cis.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+    tokens, labels = g["inputs"]["tokens"], g["inputs"]["labels"]
+    with torch.no_grad():
+        ref, out = g["outputs"]["logits"], fast(tokens, labels)  # official fp32 logits vs ours with bf16 weights
+    assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert sample_tokens(fast, labels, cfg_start=1.5, cfg_end=3.0, generator=torch.Generator()).shape == tokens.shape
+
+    # the module samples with a bf16 copy of its (EMA or online) GPT when asked
+    m = DARGPTModule(gpt="tiny", sample_bf16_weights=True)
+    seen = []
+    monkeypatch.setattr("lightning_modules.dar.sample_tokens", lambda net, *a, **k: seen.append(net) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        m.sample_images(torch.tensor([0]))
+    assert seen[0] is not m.net and next(seen[0].parameters()).dtype == torch.bfloat16
