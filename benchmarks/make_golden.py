@@ -2,7 +2,8 @@
 
     python -m benchmarks.make_golden --official-transdiff /tmp/official/TransDiff --official-dar /tmp/official/D-AR
 
-writes `tests/golden/{transdiff,transdiff_mrar,dar_gpt,dar_tokenizer}.pt` (a few MB in all). Only this script needs
+writes `tests/golden/{transdiff,transdiff_mrar,dar_gpt,dar_tokenizer}.pt` (~5 MB in all; made from TransDiff/TransDiff
+`0081b3a` and showlab/D-AR `3fb0f2d`). Only this script needs
 the clones (and, for TransDiff, `diffusers`, `transformers` and `scipy` importable); the tests in
 `tests/test_golden.py` load the files with `torch.load(weights_only=True)` and compare our models with them.
 
