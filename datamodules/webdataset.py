@@ -38,7 +38,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from datamodules.transforms import IMAGE_FIELDS, center_crop_arr, decode_image, image_bytes, to_tensor
+from datamodules.transforms import CROPS, IMAGE_FIELDS, decode_image, image_bytes, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,11 @@ class ShardStream(IterableDataset):
         max_workers: int = 64,
         group_size: int = 1,
         max_consecutive_failures: int = 100,
+        crop: str = "center",
+        flip: bool = True,
     ):
         super().__init__()
+        self.crop, self.flip = crop, flip
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
         self.urls, self.kind, self.image_size, self.batch_size, self.train = urls, kind, image_size, batch_size, train
@@ -209,10 +212,11 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict, epoch: int) -> dict:
         self.check_sample(sample)
-        flip = self.train and _coin(self.seed, epoch, sample["__key__"])
+        flip = self.train and self.flip and _coin(self.seed, epoch, sample["__key__"])
         label = int(sample["cls"])
         if self.kind == "image":
-            img = center_crop_arr(decode_image(image_bytes(sample)), self.image_size)
+            crop, rng = self.crop if self.train else "center", random.Random(f"{self.seed}/{epoch}/{sample['__key__']}")
+            img = CROPS[crop](decode_image(image_bytes(sample)), self.image_size, rng)
             return {"image": to_tensor(img, flip), "label": label}  # (3, H, W) in [-1, 1]
         name = CACHE_FIELDS[self.kind]
         arr = np.load(io.BytesIO(sample[f"{name}_flip.npy" if flip else f"{name}.npy"]))
@@ -349,6 +353,10 @@ class WebDataModule(L.LightningDataModule):
             (B, n, ...) (MRAR training: 4); validation stays ungrouped.
         max_consecutive_failures: stop with `DataPipelineError` when more samples/shards than this fail to load in
             a row in one worker (single corrupt samples are skipped and counted).
+        crop / flip (kind "image", training; validation is always the ADM center crop, unflipped): "center" (ADM),
+            "random" (ADM random crop, short side in [size, size/0.8]: official D-AR tokenizer, no flip),
+            "square" (random short-side square, resized: official TransDiff/MRAR), "ten" (one of TenCrop's crops of
+            the 1.1x center crop: official D-AR GPT). Draws are deterministic per (seed, epoch, sample key).
     """
 
     def __init__(
@@ -370,8 +378,13 @@ class WebDataModule(L.LightningDataModule):
         prefetch_factor: int = 4,
         group_size: int = 1,
         max_consecutive_failures: int = 100,
+        crop: Literal["center", "random", "square", "ten"] = "center",
+        flip: bool = True,
     ):
         super().__init__()
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {sorted(CROPS)}, got {crop!r}")
+        self.crop, self.flip = crop, flip
         if kind not in ("image", "latent", "tokens"):
             raise ValueError(f"kind must be 'image', 'latent' or 'tokens', got {kind!r}")
         if resampled and not epoch_length:
@@ -434,7 +447,7 @@ class WebDataModule(L.LightningDataModule):
         stream = ShardStream(
             self.train_urls, self.kind, self.image_size, self.batch_size, train=True, seed=self.seed, rank=rank,
             world_size=world_size, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-            max_workers=self.num_workers, group_size=self.group_size,
+            max_workers=self.num_workers, group_size=self.group_size, crop=self.crop, flip=self.flip,
             max_consecutive_failures=self.max_consecutive_failures,
         )  # fmt: skip
         self.streams.append(stream)

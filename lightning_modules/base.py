@@ -132,14 +132,16 @@ class GenerativeModule(L.LightningModule):
         total_steps: end of the decay window; None = the trainer's estimated stepping batches.
         min_lr: lr at the end of a cosine/linear schedule.
         ema_decay: EMA decay per optimizer step; None disables EMA.
-        ema_start_step: before this step the EMA tracks the weights exactly.
+        ema_start_step: the first `ema_start_step` updates copy the weights; later ones (all, with the default 0,
+            as the official update_ema) blend.
         nan_policy: a non-finite loss (before backward) or non-finite gradients (after backward, before the
             optimizer): "stop" raises before anything is updated; "skip" drops that batch (no optimizer or EMA
             step; the step counter and lr schedule move on). Decided jointly across ranks. Either way a
             checkpoint with non-finite weights is never written (`NonFiniteWeightsError`).
         init_from: checkpoint to initialise the weights from when a run starts (fine-tuning): an ardiff
             Lightning checkpoint or an official one. Ignored when Lightning resumes from `ckpt_path`.
-        init_use_ema: take the EMA weights of `init_from` when it has them.
+        init_use_ema: initialise the EMA copy from the EMA weights of `init_from` when it has them (`net` always
+            takes the raw weights, as the official resume).
         init_strict: require an exact key/shape match; False loads what fits and reports the rest.
         compile: `torch.compile` the trained network.
     """
@@ -202,7 +204,8 @@ class GenerativeModule(L.LightningModule):
     def update_ema(self) -> None:
         if self.ema_net is None:
             return
-        decay = 0.0 if self.global_step <= self.ema_start_step else self.ema_decay
+        # global_step counts the updates before this one: with ema_start_step 0 the first update blends (official)
+        decay = 0.0 if self.global_step < self.ema_start_step else self.ema_decay
         ema = [_local(p) for p in self.ema_net.parameters()]
         new = [_local(p.detach()) for p in self.net.parameters()]
         torch._foreach_lerp_(ema, new, 1.0 - decay)
@@ -226,20 +229,27 @@ class GenerativeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ fine-tuning
     def load_init_weights(self, path: str) -> LoadReport:
-        """Initialise `net` (and the EMA) from an ardiff or official checkpoint; returns what was loaded."""
+        """Initialise `net` and the EMA from an ardiff or official checkpoint, as the official resume does: the raw
+        weights into `net`, the EMA weights (when the file has them and `init_use_ema`) into the EMA copy, else the
+        raw ones. A file with only EMA weights initialises both from them. Returns what was loaded into `net`."""
         ckpt = safe_torch_load(path)
         if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
             full = ckpt["state_dict"]
-            prefix = "ema_net." if self.init_use_ema and any(k.startswith("ema_net.") for k in full) else "net."
-            sd = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-            if not sd:
-                raise CheckpointError(f"{path}: no '{prefix}*' weights in this Lightning checkpoint")
+            section = lambda prefix: {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)} or None
+            raw, ema = section("net."), section("ema_net.")
+            if raw is None and ema is None:
+                raise CheckpointError(f"{path}: no 'net.*' or 'ema_net.*' weights in this Lightning checkpoint")
         else:
-            prefer = ("model_ema", "ema", "model", "state_dict") if self.init_use_ema else ("model", "state_dict")
-            sd = extract_state_dict(ckpt, prefer)
-        report = load_state_dict_strict(self.net, sd, source=path, strict=self.init_strict)
+            has = lambda keys: any(isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict) for k in keys)
+            raw = extract_state_dict(ckpt, ("model", "state_dict")) if has(("model", "state_dict")) else None
+            ema = extract_state_dict(ckpt, ("model_ema", "ema")) if has(("model_ema", "ema")) else None
+            if raw is None and ema is None:
+                raw = extract_state_dict(ckpt, ())  # a bare state dict (or a clear error)
+        report = load_state_dict_strict(self.net, raw if raw is not None else ema, source=path, strict=self.init_strict)
         if self.ema_net is not None:
             self.ema_net.load_state_dict(self.net.state_dict())
+            if self.init_use_ema and ema is not None and raw is not None:
+                load_state_dict_strict(self.ema_net, ema, source=f"{path} (EMA)", strict=self.init_strict)
         return report
 
     def setup(self, stage: str) -> None:
@@ -343,6 +353,11 @@ class GenerativeModule(L.LightningModule):
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        count = lambda ps: sum(p.numel() for p in ps)
+        rank_zero_info(
+            f"[ardiff] AdamW groups: {len(decay)} tensors with weight decay {self.weight_decay} ({count(decay):,} "
+            f"parameters), {len(no_decay)} tensors without ({count(no_decay):,} parameters)"
+        )
         lr = self.peak_lr()
         params = decay + no_decay
         sharded = any(hasattr(p, "to_local") for p in params)

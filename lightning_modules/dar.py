@@ -21,7 +21,7 @@ from torchvision.utils import make_grid
 
 from lightning_modules.base import GenerativeModule
 from models.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
-from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, sample_tokens
+from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, bf16_inference_copy, sample_tokens
 from models.dar_tokenizer import (
     DARTokenizer,
     DARTokenizerConfig,
@@ -223,6 +223,7 @@ class DARTokenizerModule(GenerativeModule):
         logs = {k: out[k] for k in ("fm_loss", "vq_loss", "commit_loss", "codebook_usage")}
         lpips = self.loss_net("lpips")
         if lpips is not None:
+            lpips.train(self.training)  # official (vq_loss.train()): the lin layers' Dropout(0.5) is active in training
             logs["lpips"] = lpips(x.float(), out["x1_hat"].float()).mean()
             loss = loss + self.lpips_weight * logs["lpips"]
         dino = self.loss_net("repa")
@@ -293,6 +294,8 @@ class DARGPTModule(GenerativeModule):
             image batches and for `sample_images`. tokenizer_config: override its config (name), else from the file.
         cfg_start / cfg_end: linear CFG schedule over the tokens (paper: 1.1 -> 8.0 L, 1.1 -> 10.0 XL).
         decode_steps: tokenizer denoising steps (None = its default, 8).
+        sample_bf16: sample the GPT under bf16 autocast; sample_bf16_weights: with a bf16-weight copy of it instead
+            (the official sampler's bf16 GPT; faster where bf16 matmuls are native). The tokenizer decodes in fp32.
     """
 
     def __init__(
@@ -308,6 +311,7 @@ class DARGPTModule(GenerativeModule):
         top_p: float = 1.0,
         decode_steps: int | None = None,
         sample_bf16: bool = False,
+        sample_bf16_weights: bool = False,
         lr: float = 4e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -331,7 +335,7 @@ class DARGPTModule(GenerativeModule):
         self.sample_kwargs = dict(
             cfg_start=cfg_start, cfg_end=cfg_end, temperature=temperature, top_k=top_k, top_p=top_p
         )
-        self.decode_steps, self.sample_bf16 = decode_steps, sample_bf16
+        self.decode_steps, self.sample_bf16, self.sample_bf16_weights = decode_steps, sample_bf16, sample_bf16_weights
         self._tokenizer: list[DARTokenizer] = []  # frozen; kept out of the module tree (not in checkpoints)
         self.net = DARGPT(self.cfg)
         self.init_ema()
@@ -390,6 +394,7 @@ class DARGPTModule(GenerativeModule):
         if self.sample_bf16:
             kwargs.setdefault("autocast_dtype", torch.bfloat16)
         with self.sampling() as net:
+            net = bf16_inference_copy(net) if self.sample_bf16_weights else net
             tokens = sample_tokens(net, labels.to(self.device), generator=generator, **kwargs)
         return self.tokenizer.decode_tokens(tokens, generator, self.decode_steps)
 

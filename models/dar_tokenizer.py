@@ -4,8 +4,8 @@ An image becomes N = 256 discrete tokens (ViT encoder with causal learnable quer
 condition transformer turns the tokens into N condition vectors, and a pixel-space flow-matching decoder
 (SiT-like, cross-attention-driven per-token AdaLN) denoises the image in K = 8 steps, step i conditioned on token
 group i only (tokens [32i, 32i+32)). Because the condition transformer is causal, decoding can start while the
-tokens are still being generated: `stream_decode` continues one diffusion trajectory and yields a preview (the
-one-step x1 estimate) after each group.
+tokens are still being generated: `stream_decode` continues one diffusion trajectory and yields a preview after
+each group (the official one: the AB2 step from the current time straight to t = 1).
 
 Module and parameter names follow the official `VQModel` so `D-AR-tokenizer_v1.pt` loads with strict keys.
 Flow convention (official): x_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1 data, x1 = data_std * image.
@@ -344,7 +344,11 @@ class FlowDecoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Cosine-similarity VQ: z and the codebook are l2-normalised; straight-through estimator."""
+    """Cosine-similarity VQ: z and the codebook are l2-normalised; straight-through estimator.
+
+    The similarities take the ambient precision, as in the official code: bf16 under bf16 autocast (tokenizer
+    training with `bf16-mixed`, like the official accelerate bf16 run), fp32 otherwise (token caching, evaluation).
+    """
 
     def __init__(self, cfg: DARTokenizerConfig) -> None:
         super().__init__()
@@ -366,7 +370,7 @@ class VectorQuantizer(nn.Module):
         """
         z = F.normalize(z, dim=-1)
         codebook = self.codebook()
-        ids = torch.argmax(z.detach().float() @ codebook.float().t(), dim=-1)  # nearest neighbour under cosine distance
+        ids = torch.argmax(z.detach() @ codebook.t(), dim=-1)  # nearest neighbour under cosine distance
         z_q = codebook[ids]
         losses: dict[str, Tensor] = {}
         if loss_upto is not None:
@@ -504,15 +508,22 @@ class DARTokenizer(nn.Module):
         generator: torch.Generator | None = None,
         steps: int | None = None,
         size: int | None = None,
+        preview: str = "ab2",
     ) -> Iterator[Tensor]:
         """Decode while tokens arrive: one diffusion trajectory, one yield per denoising step.
 
         tokens: (B, n) ids, or an iterable of (B, n_i) chunks (e.g. straight from the AR sampler).
-        Step i runs as soon as its token group is available; the yield after a non-final step is the preview
-        x_hat1 = (x_t + (1 - t) v) / data_std, the final yield is the decoded image (equal to `decode_tokens`
-        of the full sequence with the same generator). Stops early when the tokens run out (prefix previews).
-        Adams-Bashforth-2 with the official uniform-step coefficients (first step Euler). Images in [-1, 1].
+        Step i runs as soon as its token group is available; the yield after a non-final step is a preview, the
+        final yield is the decoded image (equal to `decode_tokens` of the full sequence with the same generator).
+        Stops early when the tokens run out (prefix previews). Adams-Bashforth-2 with the official uniform-step
+        coefficients (first step Euler). Images in [-1, 1].
+
+        preview: "ab2" (default, the official `--preview`, `decode_code(ids, clip_steps=k)`): after step k the
+        same AB2 update is taken from t_{k-1} straight to t = 1; "euler": the one-step estimate
+        x_hat1 = (x_t + (1 - t) v) / data_std (identical for the first group, slightly blurrier after).
         """
+        if preview not in ("ab2", "euler"):
+            raise ValueError(f"preview must be 'ab2' (official) or 'euler', got {preview!r}")
         cfg, gs = self.cfg, self.cfg.group_size
         chunks = iter([tokens] if isinstance(tokens, Tensor) else tokens)
         ids = next(chunks)
@@ -535,9 +546,10 @@ class DARTokenizer(nn.Module):
                 x, torch.full((x.shape[0],), t, device=x.device), cond[:, group * gs : (group + 1) * gs]
             )
             last = i == len(groups) - 1
+            slope = v if v_prev is None else 1.5 * v - 0.5 * v_prev  # AB2 (first step: Euler)
             if not last:
-                yield (x + (1 - t) * v) / cfg.data_std
-            x = x + dt * (v if v_prev is None else 1.5 * v - 0.5 * v_prev)
+                yield (x + (1 - t) * (slope if preview == "ab2" else v)) / cfg.data_std
+            x = x + dt * slope
             v_prev = v
             if last:
                 yield x / cfg.data_std
@@ -552,12 +564,17 @@ class DARTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode_prefix(
-        self, tokens: Tensor, generator: torch.Generator | None = None, steps: int | None = None
+        self,
+        tokens: Tensor,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        preview: str = "ab2",
     ) -> Tensor:
-        """Preview from the first n >= group_size tokens (B, n): the one-step estimate of the last step they allow."""
+        """Preview from the first n >= group_size tokens (B, n): the preview (see `stream_decode`) after the last
+        step they allow; "ab2" equals the official `decode_code(ids, clip_steps=k)`."""
         if tokens.shape[1] < self.cfg.group_size:
             raise ValueError(f"a preview needs at least one token group ({self.cfg.group_size} tokens)")
-        *_, image = self.stream_decode(tokens, generator, steps)
+        *_, image = self.stream_decode(tokens, generator, steps, preview=preview)
         return image
 
     @torch.no_grad()

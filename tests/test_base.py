@@ -48,15 +48,14 @@ def test_ema_follows_the_formula(tmp_path):
     model = ToyGenerator(lr=1e-2, ema_decay=0.9)
     before = [p.detach().clone() for p in model.ema_net.parameters()]
     _trainer(tmp_path, 1).fit(model, ToyData())
-    # one step: ema = 0.9 * ema0 + 0.1 * w1 ... except step 0 <= ema_start_step copies exactly
-    for e, w in zip(model.ema_net.parameters(), model.net.parameters(), strict=True):
-        torch.testing.assert_close(e, w)
-    model.ema_start_step = -1  # from now on decay applies
-    ema0 = [p.detach().clone() for p in model.ema_net.parameters()]
-    model.update_ema()
-    for e, e0, w in zip(model.ema_net.parameters(), ema0, model.net.parameters(), strict=True):
+    # one step: ema = 0.9 * ema0 + 0.1 * w1 (the first update blends too, as the official update_ema)
+    for e, e0, w in zip(model.ema_net.parameters(), before, model.net.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * e0 + 0.1 * w)
     assert any(not torch.equal(b, a) for b, a in zip(before, model.ema_net.parameters(), strict=True))
+    model.ema_start_step = 10  # global_step 1 < 10: the update copies
+    model.update_ema()
+    for e, w in zip(model.ema_net.parameters(), model.net.parameters(), strict=True):
+        torch.testing.assert_close(e, w)
 
 
 def test_resume_continues_step_schedule_ema_and_rng(tmp_path):
@@ -102,11 +101,12 @@ def test_init_from_reports_exactly_the_changed_keys(tmp_path):
     path = str(tmp_path / "src.ckpt")
     trainer.save_checkpoint(path)
 
-    # same architecture: exact load, EMA weights by default
+    # same architecture: exact load; raw weights into net, EMA weights into the EMA copy (official resume)
     same = ToyGenerator(num_classes=4, init_from=path)
     report = same.load_init_weights(path)
     assert report.ok
-    torch.testing.assert_close(same.net.head.weight, src.ema_net.head.weight)
+    torch.testing.assert_close(same.net.head.weight, src.net.head.weight)
+    torch.testing.assert_close(same.ema_net.head.weight, src.ema_net.head.weight)
 
     # a changed class embedding (fine-tune to 6 classes): strict fails naming the tensor, non-strict reports it
     changed = ToyGenerator(num_classes=6, init_from=path)
@@ -116,7 +116,8 @@ def test_init_from_reports_exactly_the_changed_keys(tmp_path):
     report = changed.load_init_weights(path)
     assert [k for k, _, _ in report.mismatched] == ["embed.weight"]
     assert report.missing == [] and report.unexpected == []
-    torch.testing.assert_close(changed.net.head.weight, src.ema_net.head.weight)
+    torch.testing.assert_close(changed.net.head.weight, src.net.head.weight)
+    torch.testing.assert_close(changed.ema_net.head.weight, src.ema_net.head.weight)
 
 
 def test_blr_scales_with_global_batch(tmp_path):

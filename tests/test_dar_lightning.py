@@ -108,6 +108,21 @@ def test_tokenizer_module_losses_with_lpips_and_repa(loss_weight_files):
     assert "loss_nets" not in str(list(module.state_dict())[:5]) and not any("lpips" in k for k in module.state_dict())
 
 
+def test_lpips_dropout_is_active_in_training_only(loss_weight_files):
+    """Official tokenizer training calls vq_loss.train(): LPIPS's lin-layer Dropout(p=0.5) is on during training."""
+    d = loss_weight_files
+    module = DARTokenizerModule(config="tiny", lpips_vgg_path=str(d / "vgg16.pth"), lpips_lin_path=str(d / "vgg.pth"),
+                                repa_weight=0.0)  # fmt: skip
+    lpips = module.loss_net("lpips")
+    assert all(m.p == 0.5 for m in lpips.modules() if isinstance(m, torch.nn.Dropout))
+    modes = []
+    lpips.register_forward_pre_hook(lambda m, args: modes.append(m.lin0.model[0].training))
+    batch = image_batches(1)[0]
+    module.train().compute_loss(batch)
+    module.eval().compute_loss(batch)
+    assert modes == [True, False]
+
+
 def test_two_stage_training_and_sampling(tmp_path):
     tok_module = DARTokenizerModule(config="tiny", lpips_weight=0, repa_weight=0, recon_every_n_steps=0)
     before = tok_module.net.quant_in_conv.weight.clone()

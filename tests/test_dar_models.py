@@ -275,11 +275,7 @@ def test_cfg_schedule_values_and_guidance():
     assert torch.allclose(s.diff(), torch.full((255,), 6.9 / 255), atol=1e-5)
     assert cfg_schedule(1.0, 4.0, 10)[0].item() == pytest.approx(1.001)
     assert torch.all(cfg_schedule(4.0, 4.0, 3) == 4.0)
-    # guidance changes the samples; scale 1 everywhere equals the unguided (no null-class batch) path
-    gpt, labels = tiny_gpt(), torch.tensor([1, 2])
-    plain = sample_tokens(gpt, labels, generator=torch.Generator().manual_seed(3))
-    guided = sample_tokens(gpt, labels, cfg_start=1.1, cfg_end=10.0, generator=torch.Generator().manual_seed(3))
-    assert not torch.equal(plain, guided)
+    # the CFG formula itself: tests/test_behaviours.py (stub logits) and tests/test_golden.py (official sampler)
 
 
 def test_layout_control_keeps_prefix():
@@ -337,11 +333,10 @@ def test_stream_decode_matches_full_decode_and_previews():
     assert torch.allclose(yields[-1], full, atol=1e-5)
     assert all(y.shape == (2, 3, 32, 32) and torch.isfinite(y).all() for y in yields)
     assert not torch.allclose(yields[0], yields[-1])
-    # previews from prefixes = the streamed previews of the same trajectory
-    for n_groups in (2, 4, 6):
-        prev = tok.decode_prefix(ids[:, : 4 * n_groups], torch.Generator().manual_seed(0))
-        assert torch.allclose(prev, yields[n_groups - 1], atol=1e-5)
-    assert torch.allclose(tok.decode_prefix(ids, torch.Generator().manual_seed(0)), full, atol=1e-6)
+    # the previews themselves (prefix and streamed) are pinned against the official clip_steps decode in
+    # tests/test_golden.py; a prefix shorter than one group is refused
+    with pytest.raises(ValueError, match="one token group"):
+        tok.decode_prefix(ids[:, :3])
 
 
 def test_gpt_tokens_stream_into_the_tokenizer():

@@ -136,3 +136,18 @@ def test_demo_datamodule_generates_on_first_use(tmp_path: Path, monkeypatch):
     stamp = os.path.getmtime(dm.demo_dir / "DONE")
     DemoDataModule(image_size=16, train_per_class=4, val_per_class=2, num_train_shards=4, num_val_shards=2).setup("fit")
     assert os.path.getmtime(dm.demo_dir / "DONE") == stamp  # second use reuses the data
+
+
+def test_flat_val_folder_with_numeric_labels(tmp_path: Path):
+    """Numeric labels (`filename index`) are written as given: the class index, not shifted."""
+    val = tmp_path / "val"
+    val.mkdir()
+    given = [5, 0, 999, 1]
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(val / f"ILSVRC2012_val_{i:08d}.JPEG")
+    (tmp_path / "labels.txt").write_text("\n".join(f"ILSVRC2012_val_{i:08d} {c}" for i, c in enumerate(given)))
+    code = main([str(val), str(tmp_path / "out"), "--val-labels", str(tmp_path / "labels.txt"),
+                 "--workers", "0", "--no-shuffle"])  # fmt: skip
+    assert code == 0
+    samples = read_shards(tmp_path / "out")
+    assert [int(samples[f"ILSVRC2012_val_{i:08d}"]["cls"]) for i in range(4)] == given

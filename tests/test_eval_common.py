@@ -3,7 +3,10 @@ plan and of the Inception weights lookup."""
 
 import json
 import os
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -152,8 +155,6 @@ def test_missing_weights_error_names_file_and_places(clean_env, monkeypatch):
 # ---------------------------------------------------------------- layout
 def test_callbacks_do_not_import_the_cli():
     """callbacks/ (and the shared image reader) never import `ardiff` (the CLI), even lazily at evaluation time."""
-    import subprocess
-    import sys
 
     code = (
         "import sys, callbacks, callbacks.fid, callbacks.judge, datamodules.images; "

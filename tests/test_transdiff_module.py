@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_modules.transdiff import TransDiffModule, group_same_class
+from models.transdiff import TransDiff
 
 
 def module(**kwargs) -> TransDiffModule:
@@ -60,19 +61,34 @@ def test_vae_is_kept_out_of_the_checkpoint_and_missing_weights_fail_early(tmp_pa
         module(vae="kl16", vae_path=str(tmp_path / "missing.ckpt")).setup("fit")
 
 
-def test_sample_images_contract():
+def test_sample_images_contract(monkeypatch):
+    """sample_images = vae.decode(EMA-net latents / scale_factor), clamped; constructor sampling settings."""
     m = module()
     torch.nn.init.normal_(m.ema_net.diffdecoder.net.final_layer.linear.weight, std=0.05)
-    labels = torch.tensor([0, 3])
-    a = m.sample_images(labels, generator=torch.Generator().manual_seed(0))
-    b = m.sample_images(labels, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (2, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
-    assert torch.equal(a, b)
-    # the EMA copy samples (its final layer differs from the online net's zero init)
-    direct = m.ema_net.eval().sample(labels, num_steps=3, cfg=1.5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(a, direct.clamp(-1, 1))
-    c = m.sample_images(labels, generator=torch.Generator().manual_seed(0), cfg=1.0, num_steps=2)
-    assert not torch.allclose(a, c)
+    latents = torch.linspace(-3, 3, 2 * 3 * 32 * 32).view(2, 3, 32, 32)  # known sampler output
+    calls = []
+
+    def fake_sample(self, labels, **kwargs):
+        calls.append((self, self.training, labels, kwargs))
+        return latents
+
+    class HalfScaleVAE(torch.nn.Module):  # decode(z) = z + 1, scale 0.5: both must be applied
+        scale_factor = 0.5
+
+        def decode(self, z):
+            return z + 1
+
+    m._vae[:] = [HalfScaleVAE()]
+    monkeypatch.setattr(TransDiff, "sample", fake_sample)
+    labels, g = torch.tensor([0, 3]), torch.Generator()
+    out = m.sample_images(labels, generator=g)
+    assert torch.equal(out, (latents / 0.5 + 1).clamp(-1, 1))
+    net, training, seen_labels, kwargs = calls[0]
+    assert net is m.ema_net and not training and m.ema_net.training  # EMA copy, in eval mode only while sampling
+    assert torch.equal(seen_labels, labels)
+    assert kwargs == {"generator": g, "num_steps": 3, "cfg": 1.5, "scale_0": 1.0, "scale_1": 1.0}
+    m.sample_images(labels, cfg=1.0, num_steps=2)
+    assert calls[1][3]["cfg"] == 1.0 and calls[1][3]["num_steps"] == 2
 
 
 def test_short_fit_updates_weights_and_ema():
