@@ -32,15 +32,16 @@ TINY = {"channels": [8, 16, 16, 16], "stem_width": 8, "output_stride": 8}  # a f
 
 # ------------------------------------------------------------------ stubs
 class StubNet(nn.Module):
-    """timm's classifier interface with known maps: features = P @ avgpool4x4(x), logits = W @ features."""
+    """timm's classifier interface with known maps: features = P @ avgpool4x4(x), logits = W @ features + b."""
 
-    def __init__(self, proj: np.ndarray, head: np.ndarray) -> None:
+    def __init__(self, proj: np.ndarray, head: np.ndarray, bias: np.ndarray) -> None:
         super().__init__()
         self.proj = nn.Linear(proj.shape[1], proj.shape[0], bias=False)
-        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        self.head = nn.Linear(head.shape[1], head.shape[0])
         with torch.no_grad():
             self.proj.weight.copy_(torch.from_numpy(proj))
             self.head.weight.copy_(torch.from_numpy(head))
+            self.head.bias.copy_(torch.from_numpy(bias))
         self.num_classes, self.num_features = head.shape[0], head.shape[1]
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -54,24 +55,17 @@ class StubNet(nn.Module):
         return self.head
 
 
-def numpy_judge(images: np.ndarray, proj: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Independent computation of StubNet on uint8 (N,3,16,16) images: (logits, features) in float64."""
+def numpy_features(images: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Independent computation of StubNet's features of uint8 (N,3,16,16) images, float64 (N, F)."""
     x = (images.astype(np.float64) / 255 - 0.5) / 0.5
     pooled = x.reshape(len(x), 3, 4, 4, 4, 4).mean(axis=(3, 5)).reshape(len(x), 48)
-    feats = pooled @ proj.T
-    return feats @ head.T, feats
+    return pooled @ proj.T
 
 
 def numpy_fd(a: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     mu1, sigma1 = a.mean(0), np.cov(a, rowvar=False)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def stub_judge(num_classes: int = 4, dim: int = 6) -> tuple[Judge, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    proj, head = rng.normal(size=(dim, 48)), rng.normal(size=(num_classes, dim))
-    return Judge(StubNet(proj, head), image_size=16), proj, head
 
 
 def fit(model: L.LightningModule, callback: JudgeCallback, steps: int = 1, **kwargs) -> Trainer:
@@ -83,23 +77,28 @@ def fit(model: L.LightningModule, callback: JudgeCallback, steps: int = 1, **kwa
 
 
 def test_judge_figures_equal_direct_computation(tmp_path, capsys):
-    judge, proj, head = stub_judge()
+    model = FakeGenerator(num_classes=4)
+    cb = JudgeCallback(judge=str(tmp_path / "unused.pt"), reference=str(tmp_path / "ref.npz"), num_samples=20,
+                       chunk_size=6, every_n_steps=1, batch_size=7)  # fmt: skip
+    plan = cb.plan(model)  # 4 chunks of 6 (the last padded): the images the callback will measure
+    images = torch.cat([generate_chunk(model.sample_images, plan, k, torch.device("cpu")) for k in range(4)]).numpy()
+    labels = np.repeat(np.arange(4), 5)  # MAR's class-balanced labels for N=20, C=4
+    # stub judge: a random projection to 6 features, then the nearest class mean (of a noisier copy of the features)
+    proj = np.random.default_rng(0).normal(size=(6, 48))
+    feats = numpy_features(images, proj)
+    noisy = feats + np.random.default_rng(2).normal(size=feats.shape) * feats.std(0) * 1.5
+    means = np.stack([noisy[labels == c].mean(0) for c in range(4)])  # (4, 6)
+    head, bias = means, -0.5 * (means**2).sum(1)  # argmax of W f + b = the nearest class mean
+    logits = feats @ head.T + bias
+    expected_acc = float((logits.argmax(1) == labels).mean())
+    assert 0.5 < expected_acc < 1 and expected_acc != float((logits.argmax(1) == (labels + 1) % 4).mean())
+    cb.judge, cb.judge_path = Judge(StubNet(proj, head, bias), image_size=16), "stub"
+
     ref_feats = np.random.default_rng(1).normal(size=(40, 6))
     mu_r, sigma_r = ref_feats.mean(0), np.cov(ref_feats, rowvar=False)
     save_statistics(str(tmp_path / "ref.npz"), {"mu": mu_r, "sigma": sigma_r}, "test")
-    cb = JudgeCallback(judge=str(tmp_path / "unused.pt"), reference=str(tmp_path / "ref.npz"), num_samples=20,
-                       chunk_size=6, every_n_steps=1, batch_size=7)  # fmt: skip
-    cb.judge, cb.judge_path = judge, "stub"
-    model = FakeGenerator(num_classes=4)
     trainer = fit(model, cb, steps=2)
-
-    plan = cb.plan(model)  # 4 chunks of 6 (the last padded): the images the callback measured
-    images = torch.cat([generate_chunk(model.sample_images, plan, k, torch.device("cpu")) for k in range(4)]).numpy()
-    labels = np.repeat(np.arange(4), 5)  # MAR's class-balanced labels for N=20, C=4
-    logits, feats = numpy_judge(images, proj, head)
-    expected_acc = float((logits.argmax(1) == labels).mean())
-    assert 0 < expected_acc < 1  # a discriminating case: neither all right nor all wrong
-    assert cb.last_metrics["class_acc"] == pytest.approx(expected_acc, abs=1e-12)
+    assert cb.last_metrics["class_acc"] == pytest.approx(expected_acc, abs=1e-6)  # 14 of 20
     assert cb.last_metrics["fd_judge"] == pytest.approx(numpy_fd(feats, mu_r, sigma_r), rel=1e-6)
     assert trainer.callback_metrics["val/class_acc"].item() == pytest.approx(expected_acc)
     assert "val/fd_judge" in trainer.progress_bar_metrics
