@@ -174,7 +174,8 @@ def default_judge_path(train_shards: str, arch: str = SMALL_ARCH, image_size: in
 
 # ------------------------------------------------------------------------------------------------ training
 def _num_classes_of(source: str, labels: Tensor) -> int:
-    index = os.path.join(shard_dir(source), "class_index.json") if not source.endswith(".npz") else ""
+    is_npz = isinstance(source, str) and source.endswith(".npz")
+    index = "" if is_npz else os.path.join(shard_dir(source), "class_index.json")
     if index and os.path.isfile(index):
         return len(json.loads(Path(index).read_text()))
     return int(labels.max()) + 1
@@ -335,8 +336,11 @@ def judge_statistics(judge: Judge, source: str, image_size: int | None, batch_si
     return moments.compute()
 
 
-def reference_path(judge_path: str, source: str, image_size: int | None) -> str:
-    key = hashlib.sha1(f"{os.path.abspath(source) if os.path.exists(source) else source}|{image_size}".encode())
+def reference_path(judge_path: str, source: str | list[str], image_size: int | None) -> str:
+    """`<judge>.ref-<hash of (source, image_size)>.npz`: the cache of the judge statistics of `source`."""
+    paths = [source] if isinstance(source, str) else list(source)
+    paths = [os.path.abspath(s) if os.path.exists(s) else s for s in paths]
+    key = hashlib.sha1(f"{paths}|{image_size}".encode())
     return f"{os.path.splitext(judge_path)[0]}.ref-{key.hexdigest()[:10]}.npz"
 
 
@@ -419,10 +423,10 @@ class JudgeCallback(L.Callback):
                 )
             size = self.train_kwargs.get("image_size", self._image_size(trainer) or 32)
             path = default_judge_path(train, self.arch, size)
-        if not os.path.isfile(path) and (self.judge_spec == "auto" or self.train_if_missing):
-            if not train:
-                raise _missing_judge(path)
-            if trainer.is_global_zero:
+        if self.judge_spec == "auto" or self.train_if_missing:  # the same branch on every rank (one barrier each)
+            if trainer.is_global_zero and not os.path.isfile(path):
+                if not train:
+                    raise _missing_judge(path)
                 kwargs = {"arch": self.arch, "image_size": self._image_size(trainer) or 32} | self.train_kwargs
                 ensure_judge(path, train, getattr(dm, "val_shards", None), **kwargs)
             trainer.strategy.barrier("judge_train")
@@ -433,15 +437,14 @@ class JudgeCallback(L.Callback):
     def setup_reference(self, trainer: L.Trainer) -> dict[str, np.ndarray]:
         if self.ref is not None:
             return self.ref
-        path = self.reference
-        if path is None or not os.path.isfile(path):
-            val = getattr(trainer.datamodule, "val_shards", None)
-            if not val:
+        path, val, size = self.reference, getattr(trainer.datamodule, "val_shards", None), self._image_size(trainer)
+        if path is None or val:  # the same branch on every rank (one barrier each)
+            if path is None and not val:
                 raise FileNotFoundError(
-                    f"judge reference statistics {path!r} not found and the DataModule has no val_shards to compute "
-                    "them from; write them with `ardiff eval <val shards> --judge <judge> --write-judge-ref OUT.npz`"
+                    "JudgeCallback needs judge reference statistics: a DataModule with val_shards (computed on first "
+                    "use), or `reference: OUT.npz` from `ardiff eval <val shards> --judge <judge> --write-judge-ref "
+                    "OUT.npz`"
                 )
-            size = self._image_size(trainer)
             path = path or reference_path(self.judge_path, val, size)
             if trainer.is_global_zero and not os.path.isfile(path):
                 with file_lock(path):
