@@ -163,7 +163,7 @@ def load_judge(path: str, arch: str | None = None, num_classes: int | None = Non
         )
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config({}, model=model, use_test_size=True)  # its evaluation resolution
     meta = {"arch": arch, "model_kwargs": kwargs, "path": path}
     return Judge(model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"], meta)
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from callbacks.judge import Judge, JudgeCallback, load_judge, save_judge, save_statistics
 from callbacks.sampling import generate_chunk
+from models.checkpoint import CheckpointError
 from tests.test_eval_common import FakeGenerator, dummy_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,22 @@ def test_judge_file_is_safe_and_missing_file_says_how(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "raw.pth")
     with pytest.raises(ValueError, match="arch"):
         load_judge(str(tmp_path / "raw.pth"))
+    torch.save({"state_dict": {}, "evil": argparse.ArgumentParser}, tmp_path / "evil.pt")  # a global: refused
+    with pytest.raises(CheckpointError, match="refuses"):
+        load_judge(str(tmp_path / "evil.pt"))
+
+
+def test_pretrained_timm_judge_from_a_local_file(tmp_path):
+    """ImageNet judges: timm weights (safetensors) + the timm architecture name; timm's preprocessing config."""
+    import safetensors.torch
+
+    model = timm.create_model("resnet10t.c3_in1k", pretrained=False)
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "w.safetensors")
+    judge = load_judge(str(tmp_path / "w.safetensors"), "resnet10t.c3_in1k")
+    torch.testing.assert_close(judge.model.fc.weight, model.fc.weight)
+    assert judge.num_classes == 1000 and judge.image_size == 224  # its pretrained_cfg test size (train: 176)
+    logits, feats = judge(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8))
+    assert logits.shape == (2, 1000) and feats.shape == (2, judge.num_features)
 
 
 # ------------------------------------------------------------------ world-size invariance
