@@ -213,6 +213,21 @@ def test_ardiff_eval_with_judge(colour_shards, tmp_path):
     assert shifted["fd_judge"] == pytest.approx(real["fd_judge"], rel=1e-6)  # same images, cached reference
 
 
+def test_judge_training_is_deterministic_and_holds_out_a_split(tmp_path):
+    from callbacks.judge import train_judge
+
+    colour_folder(tmp_path / "img", 10, seed=3)
+    images = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / "img").glob("c*/*.png"))])
+    np.savez(tmp_path / "d.npz", arr_0=images, labels=np.repeat(np.arange(4), 10))  # as `ardiff sample` writes
+    kwargs = {"model_kwargs": TINY, "epochs": 1, "batch_size": 8, "image_size": 16, "log": False}
+    a, info = train_judge(str(tmp_path / "d.npz"), str(tmp_path / "a.pt"), **kwargs)
+    b, _ = train_judge(str(tmp_path / "d.npz"), None, **kwargs)
+    assert info["num_train"] == 36 and info["num_held_out"] == 4 and info["num_classes"] == 4
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert json.loads((tmp_path / "a.json").read_text())["held_out_accuracy"] == info["held_out_accuracy"]
+
+
 def test_judge_file_is_safe_and_missing_file_says_how(tmp_path):
     model = timm.create_model("resnet10t", num_classes=3, **TINY)
     save_judge(Judge(model, 16, meta={"arch": "resnet10t", "model_kwargs": TINY}), tmp_path / "j.pt", {"x": 1})
