@@ -96,6 +96,38 @@ def expand_includes(argv: list[str], _seen: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A recipe with its `include:` files merged in (dicts merged, other values replaced), as `-c` would read it."""
+    recipe = _read_recipe(path)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping")
+    includes = recipe.pop("include", [])
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        inc_path = os.path.join(os.path.dirname(path), inc)
+        if os.path.abspath(inc_path) in _seen:
+            raise ValueError(f"{path}: include cycle through {inc_path}")
+        merged = _merge(merged, read_recipe(inc_path, (*_seen, os.path.abspath(path))))
+    return _merge(merged, recipe)
+
+
+def recipe_model_section(path: str) -> dict:
+    """The `model:` section of a recipe (or a saved run config), includes merged and `${...}` resolved."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.create(read_recipe(path))
+    if "model" not in recipe:
+        raise ValueError(f"{path}: no `model:` section")
+    return OmegaConf.to_container(recipe.model, resolve=True)
+
+
 class ArdiffCLI(LightningCLI):
     """LightningCLI in subclass mode with OmegaConf interpolation over the merged recipe; checks a resume
     checkpoint up front, prints where logs and checkpoints went."""

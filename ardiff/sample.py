@@ -104,8 +104,9 @@ def load_module(module: str | None, config: str | None, ckpt: str) -> L.Lightnin
         return import_class(module).load_from_checkpoint(ckpt, map_location="cpu")
     from jsonargparse import ArgumentParser
 
-    with open(config) as f:
-        model_cfg = yaml.safe_load(f)["model"]
+    from ardiff.cli import recipe_model_section
+
+    model_cfg = recipe_model_section(config)  # includes merged, ${...} resolved
     parser = ArgumentParser()
     parser.add_subclass_arguments(L.LightningModule, "model", required=True)
     pl_module = parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model

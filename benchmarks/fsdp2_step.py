@@ -68,7 +68,7 @@ def worker(a: argparse.Namespace) -> None:
     trainer.fit(module, data)
     if trainer.global_rank == 0:
         s = statistics.median(timer.times[a.warmup :])
-        params = sum(p.numel() for p in module.net.parameters()) * 2  # sharded over 2 ranks: local numel x 2
+        params = sum(p.numel() for p in module.net.parameters())  # DTensor.numel(): the global count
         print(f"RESULT {a.mode} {s:.4f} {2 * a.batch / s:.2f} {params / 1e6:.2f}", flush=True)
 
 

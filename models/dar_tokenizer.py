@@ -245,7 +245,8 @@ class TimestepEmbedder(nn.Module):
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = (t.float() * 1000.0)[:, None] * freqs[None]  # (B, half)
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (B, D)
+        emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)  # bf16 under FSDP2 policy
+        return self.mlp(emb)  # (B, D)
 
 
 class SiTBlock(nn.Module):
@@ -297,6 +298,7 @@ class DiffusionCore(nn.Module):
         cond = layer_norm(self.cond_mlp(cond))
         rope = rope_angles_2d(h, w, cfg.head_dim, cfg.rope_theta, x.device)  # (h*w, hd/2)
         patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        patches = patches.to(self.conv_in.weight.dtype)  # fp32 noisy input -> bf16 under FSDP2's mixed precision
         tokens = F.linear(patches, self.conv_in.weight.flatten(1), self.conv_in.bias)  # (B, h*w, D)
         h_repa = None
         for i, block in enumerate(self.blocks):

@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import Attention as TimmAttention
 from timm.layers import Mlp
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -124,19 +126,9 @@ TRANSDIFF_CONFIGS["tiny_mrar"] = replace(TRANSDIFF_CONFIGS["tiny"], mrar=True, p
 # --------------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------------
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0)
-        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+def Attention(dim: int, num_heads: int, attn_drop: float, proj_drop: float) -> nn.Module:
+    """Self-attention: timm's `Attention` with qkv bias (official keys qkv.*, proj.*; SDPA with attn_mask)."""
+    return TimmAttention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
 
 
 class CrossAttention(nn.Module):
@@ -158,19 +150,12 @@ class CrossAttention(nn.Module):
         return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
 
 
-class AttentionBlock(nn.Module):
-    """Pre-LN ViT block of the encoder."""
+class AttentionBlock(Block):
+    """Pre-LN ViT block of the encoder: timm's `Block` (the official keys norm1/attn.qkv/attn.proj/norm2/mlp.fc1/fc2,
+    LayerNorm eps 1e-6, qkv bias, exact-GELU MLP; forward(x, attn_mask))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
-        return x + self.mlp(self.norm2(x))
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
 
 
 class CrossAttentionBlock(nn.Module):

@@ -20,9 +20,8 @@ RUNTIME_ONLY = {
     "omegaconf": "jsonargparse's omegaconf+ parser mode (ardiff/cli.py) imports it to resolve ${...} in recipes",
     "tensorboard": "the writer behind Lightning's default TensorBoardLogger",
 }
-# declared for code that other branches of issue 12 add (torchmetrics in callbacks/ and lightning_modules/dar.py);
-# allowed to be unimported until then, and an ordinary dependency once imported
-PENDING = {"torchmetrics"}
+# declared but allowed to be unimported while code that uses it is in flight (empty: everything declared is imported)
+PENDING: set[str] = set()
 
 
 def normalize(name: str) -> str:

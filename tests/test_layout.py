@@ -22,9 +22,8 @@ FORBIDDEN = {
     "callbacks": {"ardiff", "lightning_modules"},
     "benchmarks": {"tests"},
 }
-# knots other branches of issue 12 untie (callbacks/fid.py -> ardiff.evaluate.iter_images, the judge helper's):
-# left out of the cycle check and pinned by an xfail test until they land
-PENDING = {("callbacks", "ardiff")}
+# knots being untied: left out of the cycle check and pinned by test_pending_knots_are_untied (empty: none left)
+PENDING: set[tuple[str, str]] = set()
 
 
 def package_imports(top: str) -> dict[str, set[str]]:
@@ -97,7 +96,6 @@ def test_no_upward_imports(package):
     assert not bad, f"{package} must not import {sorted(bad)}: {bad}"
 
 
-@pytest.mark.xfail(strict=False, reason="callbacks/fid.py -> ardiff.evaluate (iter_images): the judge helper's fix")
 def test_pending_knots_are_untied():
     graph = import_graph()
     assert not [(a, b, sorted(graph[a][b])) for a, b in PENDING if b in graph[a]]

@@ -105,3 +105,13 @@ def test_resolved_arch_is_stored_as_plain_fields():
     assert len(module.net.encoder_blocks) == 2
     again = TransDiffModule(**module.hparams)
     assert again.net.cfg == module.net.cfg
+
+
+def test_sample_reads_the_model_of_an_included_recipe():
+    """`ardiff sample --config RECIPE` sees the merged, resolved model section (includes and ${...})."""
+    from ardiff.cli import recipe_model_section
+
+    model = recipe_model_section(str(ROOT / "experiments/dar/gpt_XL.yaml"))
+    assert model["class_path"] == "lightning_modules.dar.DARGPTModule"
+    assert model["init_args"]["gpt"] == "XL" and model["init_args"]["cfg_end"] == 10.0
+    assert model["init_args"]["total_steps"] == 360000  # ${trainer.max_steps} of gpt_common.yaml
