@@ -20,12 +20,15 @@ error raised at the first such sample (`DataConfigError`); and more than `max_co
 samples or shards failing in a row in one worker (`DataPipelineError`), which no amount of corrupt data explains.
 """
 
+import atexit
 import hashlib
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Iterator
 from glob import glob
 from typing import Literal
@@ -62,6 +65,26 @@ def _sample_kind(sample: dict) -> str | None:
         if f"{name}.npy" in sample:
             return kind
     return None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM/SIGINT. Launchers often signal the whole process group;
+    a worker that died first would take the main process's preemption checkpoint with it. Workers still exit with
+    the main process (DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit multiprocessing stops daemonic children (DataLoader workers) with SIGTERM, which ours ignore:
+    stop them with SIGKILL first (registered after multiprocessing's own exit handler, so it runs before it)."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
+
+
+atexit.register(_kill_daemonic_children)
 
 
 def _is_url(spec: str) -> bool:
@@ -392,7 +415,16 @@ class WebDataModule(L.LightningDataModule):
             if self.train_shards is None:
                 raise ValueError("train_shards is not set")
             self.train_urls = expand_shards(self.train_shards)
+            if not self.train_urls:
+                raise ValueError(
+                    f"the train shard list is empty (data.init_args.train_shards={self.train_shards!r}); "
+                    "give a shard path, folder or brace pattern"
+                )
         self.val_urls = expand_shards(self.val_shards)
+        if self.val_shards is not None and not self.val_urls:
+            raise ValueError(
+                f"the val shard list is empty (data.init_args.val_shards={self.val_shards!r}); give shards or null"
+            )
         if stage in ("validate", "test") and not self.val_urls:
             raise ValueError(f"{stage} needs val_shards")
 
@@ -413,6 +445,7 @@ class WebDataModule(L.LightningDataModule):
         kw = {"num_workers": num_workers, "pin_memory": self.pin_memory and torch.cuda.is_available()}
         if num_workers > 0:
             kw.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+            kw["worker_init_fn"] = ignore_stop_signals
         return kw
 
     def build_train_loader(self, rank: int, world_size: int) -> ShardLoader:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from models.checkpoint import check_checkpoint_file
+from models.checkpoint import CHECKSUM_SUFFIX, check_checkpoint_file, verify_checksum, write_checksum
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -46,3 +47,30 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = self.broadcast(checkpoint_path)
         check_checkpoint_file(os.fspath(path))
         return super().load_checkpoint(path, weights_only=weights_only)
+
+
+class ChecksumCheckpointIO(CheckpointIO):
+    """Wraps a strategy's CheckpointIO: every checkpoint file gets `<file>.sha256` beside it, verified on load
+    (`models.checkpoint.verify_checksum`; ARDIFF_SKIP_CHECKSUM=1 overrides). Distributed checkpoint folders are
+    written by the strategy itself and carry no checksum."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if os.path.isfile(path):
+            write_checksum(path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if os.path.isfile(path):
+            verify_checksum(path)
+        return self.inner.load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+        if os.path.isfile(os.fspath(path) + CHECKSUM_SUFFIX):
+            os.remove(os.fspath(path) + CHECKSUM_SUFFIX)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
