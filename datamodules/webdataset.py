@@ -279,6 +279,21 @@ class ShardStream(IterableDataset):
             yield default_collate(batch)
 
 
+_CPU_GROUP: dict[int, "dist.ProcessGroup"] = {}  # id(default group) -> its gloo twin
+
+
+def _cpu_group() -> "dist.ProcessGroup | None":
+    """A gloo group for the per-batch agreement: a CPU flag, so it never waits on queued GPU work (with NCCL a CUDA
+    flag's `.item()` would sync the host with the GPU every step). Created on first use, on all ranks at once."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUP:
+        _CPU_GROUP.clear()
+        _CPU_GROUP[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUP[key]
+
+
 class ShardLoader:
     """DataLoader over a `ShardStream` that knows its epoch and position and can resume mid-epoch."""
 
@@ -337,9 +352,8 @@ class ShardLoader:
         blocked in their next gradient all-reduce forever. So the epoch ends for all at the first rank's end."""
         if self.dataset.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return have
-        cuda = dist.get_backend() == "nccl"
-        flag = torch.tensor([int(have)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = torch.tensor([int(have)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_cpu_group())
         return bool(flag.item())
 
     def state_dict(self) -> dict:
