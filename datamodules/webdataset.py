@@ -20,12 +20,15 @@ error raised at the first such sample (`DataConfigError`); and more than `max_co
 samples or shards failing in a row in one worker (`DataPipelineError`), which no amount of corrupt data explains.
 """
 
+import atexit
 import hashlib
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Iterator
 from glob import glob
 from typing import Literal
@@ -62,6 +65,26 @@ def _sample_kind(sample: dict) -> str | None:
         if f"{name}.npy" in sample:
             return kind
     return None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM/SIGINT. Launchers often signal the whole process group;
+    a worker that died first would take the main process's preemption checkpoint with it. Workers still exit with
+    the main process (DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit multiprocessing stops daemonic children (DataLoader workers) with SIGTERM, which ours ignore:
+    stop them with SIGKILL first (registered after multiprocessing's own exit handler, so it runs before it)."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
+
+
+atexit.register(_kill_daemonic_children)
 
 
 def _is_url(spec: str) -> bool:
@@ -260,6 +283,21 @@ class ShardStream(IterableDataset):
             yield default_collate(batch)
 
 
+_CPU_GROUP: dict[int, "dist.ProcessGroup"] = {}  # id(default group) -> its gloo twin
+
+
+def _cpu_group() -> "dist.ProcessGroup | None":
+    """A gloo group for the per-batch agreement: a CPU flag, so it never waits on queued GPU work (with NCCL a CUDA
+    flag's `.item()` would sync the host with the GPU every step). Created on first use, on all ranks at once."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUP:
+        _CPU_GROUP.clear()
+        _CPU_GROUP[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUP[key]
+
+
 class ShardLoader:
     """DataLoader over a `ShardStream` that knows its epoch and position and can resume mid-epoch."""
 
@@ -318,9 +356,8 @@ class ShardLoader:
         blocked in their next gradient all-reduce forever. So the epoch ends for all at the first rank's end."""
         if self.dataset.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return have
-        cuda = dist.get_backend() == "nccl"
-        flag = torch.tensor([int(have)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = torch.tensor([int(have)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_cpu_group())
         return bool(flag.item())
 
     def state_dict(self) -> dict:
@@ -405,7 +442,16 @@ class WebDataModule(L.LightningDataModule):
             if self.train_shards is None:
                 raise ValueError("train_shards is not set")
             self.train_urls = expand_shards(self.train_shards)
+            if not self.train_urls:
+                raise ValueError(
+                    f"the train shard list is empty (data.init_args.train_shards={self.train_shards!r}); "
+                    "give a shard path, folder or brace pattern"
+                )
         self.val_urls = expand_shards(self.val_shards)
+        if self.val_shards is not None and not self.val_urls:
+            raise ValueError(
+                f"the val shard list is empty (data.init_args.val_shards={self.val_shards!r}); give shards or null"
+            )
         if stage in ("validate", "test") and not self.val_urls:
             raise ValueError(f"{stage} needs val_shards")
 
@@ -426,6 +472,7 @@ class WebDataModule(L.LightningDataModule):
         kw = {"num_workers": num_workers, "pin_memory": self.pin_memory and torch.cuda.is_available()}
         if num_workers > 0:
             kw.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+            kw["worker_init_fn"] = ignore_stop_signals
         return kw
 
     def build_train_loader(self, rank: int, world_size: int) -> ShardLoader:

@@ -22,11 +22,12 @@ from collections.abc import Generator
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from models.checkpoint import check_checkpoint_file
+from models.checkpoint import CHECKSUM_SUFFIX, check_checkpoint_file, verify_checksum, write_checksum
 
 ReshardPolicy = Literal["default", "always", "never"]
 
@@ -105,3 +106,30 @@ class FSDP2Strategy(ModelParallelStrategy):
         if isinstance(self.precision_plugin, FSDP2BF16Precision):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return kwargs
+
+
+class ChecksumCheckpointIO(CheckpointIO):
+    """Wraps a strategy's CheckpointIO: every checkpoint file gets `<file>.sha256` beside it, verified on load
+    (`models.checkpoint.verify_checksum`; ARDIFF_SKIP_CHECKSUM=1 overrides). Distributed checkpoint folders are
+    written by the strategy itself and carry no checksum."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if os.path.isfile(path):
+            write_checksum(path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if os.path.isfile(path):
+            verify_checksum(path)
+        return self.inner.load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+        if os.path.isfile(os.fspath(path) + CHECKSUM_SUFFIX):
+            os.remove(os.fspath(path) + CHECKSUM_SUFFIX)
+
+    def teardown(self) -> None:
+        self.inner.teardown()

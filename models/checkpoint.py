@@ -9,6 +9,7 @@ classes that rebuild those objects as plain attribute bags.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import pickle
@@ -143,6 +144,44 @@ def check_distributed_checkpoint(folder: str | os.PathLike) -> None:
         safe_torch_load(extra)
 
 
+CHECKSUM_SUFFIX = ".sha256"
+SKIP_CHECKSUM_ENV = "ARDIFF_SKIP_CHECKSUM"  # =1: load a checkpoint whose sha256 does not match (at your own risk)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksum(path: str | os.PathLike) -> None:
+    """Write `<path>.sha256` (`sha256sum` format) beside a checkpoint file, atomically."""
+    path = os.fspath(path)
+    tmp = path + CHECKSUM_SUFFIX + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{file_sha256(path)}  {os.path.basename(path)}\n")
+    os.replace(tmp, path + CHECKSUM_SUFFIX)
+
+
+def verify_checksum(path: str | os.PathLike) -> None:
+    """Compare a checkpoint with the `<path>.sha256` written beside it (no file: nothing to check)."""
+    path = os.fspath(path)
+    record = path + CHECKSUM_SUFFIX
+    if not os.path.isfile(record) or os.environ.get(SKIP_CHECKSUM_ENV) == "1":
+        return
+    with open(record) as f:
+        expected = f.read().split()[0] if os.path.getsize(record) else ""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match its checksum {record!r} (sha256 {actual[:16]}... != "
+            f"{expected[:16]}...): the file was corrupted after it was written; use an earlier one, or set "
+            f"{SKIP_CHECKSUM_ENV}=1 to load it anyway"
+        )
+
+
 def check_checkpoint_file(path: str | os.PathLike) -> None:
     """Fail early, naming the file, if `path` is missing, empty, cut off, or an incomplete or unsafe distributed
     checkpoint."""
@@ -158,6 +197,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         raise CheckpointError(
             f"checkpoint {path!r} is truncated or not a torch.save file (no zip directory); use an earlier one"
         )
+    verify_checksum(path)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:

@@ -291,11 +291,11 @@ def test_dar_recipes_sample_with_the_official_cfg_schedules():
     """D-AR-L: the official FID script's 1.2 -> 8.0 (eval_c2i_fid.sh); D-AR-XL: the paper's 1.1 -> 10.0."""
     from pathlib import Path
 
-    import yaml
+    from ardiff.cli import recipe_model_section
 
     root = Path(__file__).resolve().parents[1] / "experiments" / "dar"
     for size, expected in (("L", (1.2, 8.0)), ("XL", (1.1, 10.0))):
-        args = yaml.safe_load((root / f"gpt_{size}.yaml").read_text())["model"]["init_args"]
+        args = recipe_model_section(str(root / f"gpt_{size}.yaml"))["init_args"]  # includes merged, as `-c` reads it
         assert (args["cfg_start"], args["cfg_end"]) == expected == dar_gpt.DAR_CFG_SCHEDULES[size]
         assert (args["temperature"], args["top_k"], args["top_p"]) == (1.0, 0, 1.0)
 
