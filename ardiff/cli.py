@@ -34,7 +34,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_modules.strategies import ChecksumCheckpointIO
+from lightning_modules.strategies import ChecksumCheckpointIO, shutdown_distributed
 from models.checkpoint import CheckpointError, check_checkpoint_file
 from models.presets import config_dict, preset_types, resolve_config
 
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[ardiff] stopped by a signal (preempted): exit code {EXIT_PREEMPTED}; resume with --ckpt_path last"
         )
         return EXIT_PREEMPTED
+    shutdown_distributed()
     return 0
 
 

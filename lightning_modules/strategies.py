@@ -32,6 +32,17 @@ from models.checkpoint import CHECKSUM_SUFFIX, check_checkpoint_file, verify_che
 ReshardPolicy = Literal["default", "always", "never"]
 
 
+def shutdown_distributed() -> None:
+    """Tear the default process group down before the interpreter exits (all ranks). Lightning leaves it up; gloo's
+    threads then meet interpreter finalisation and a finished run can abort (`terminate called without an active
+    exception`, exit -6), which a scheduler reads as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class FSDP2BF16Precision(MixedPrecision):
     """`bf16-mixed` under FSDP2's MixedPrecisionPolicy: the policy casts parameters per block; no autocast."""
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_modules.strategies import FSDP2Strategy
+from lightning_modules.strategies import FSDP2Strategy, shutdown_distributed
 
 
 class GlobalBatchSlices(Sampler[int]):
@@ -135,6 +135,7 @@ def main() -> None:
     state = {k: full(v).detach().float().clone() for k, v in model.state_dict().items() if k in params}
     if trainer.global_rank == 0:
         torch.save({"losses": rec.losses, "state": state, "global_step": trainer.global_step}, a.out)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

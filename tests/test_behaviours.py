@@ -327,16 +327,16 @@ def test_vq_distances_take_the_ambient_precision_as_official():
 def test_recipes_train_on_the_official_crops():
     from pathlib import Path
 
-    import yaml
+    from ardiff.cli import read_recipe
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     expected = {"dar/tokenizer_v1.yaml": ("random", False), "dar/gpt_L.yaml": ("ten", True),
                 "dar/gpt_XL.yaml": ("ten", True), "transdiff/transdiff_large_mrar.yaml": ("square", True)}  # fmt: skip
     for recipe, (crop, flip) in expected.items():
-        data = yaml.safe_load((root / recipe).read_text())["data"]["init_args"]
+        data = read_recipe(str(root / recipe))["data"]["init_args"]  # includes merged, as `-c` reads it
         assert (data.get("crop", "center"), data.get("flip", True)) == (crop, flip), recipe
     for size in ("base", "large", "huge"):  # 1-step recipes read cached center-crop latents (+ flip), as official
-        data = yaml.safe_load((root / f"transdiff/transdiff_{size}.yaml").read_text())["data"]["init_args"]
+        data = read_recipe(str(root / f"transdiff/transdiff_{size}.yaml"))["data"]["init_args"]
         assert data["kind"] == "latent" and data.get("crop", "center") == "center"
 
 
