@@ -2,6 +2,7 @@
 
     ardiff fit|validate|test|predict -c experiments/<model>/<file>.yaml [--key value ...]   (LightningCLI)
     ardiff data write-shards|demo|cache-latents|cache-tokens ...                         (data preparation)
+    ardiff judge train SHARDS                                                             (judge classifier)
     ardiff sample ...  |  ardiff eval ...  |  ardiff convert-ckpt ...
 
 Any LightningModule / LightningDataModule of the project can be named in YAML by `class_path`.
@@ -25,6 +26,7 @@ SUBCOMMANDS: dict[tuple[str, ...], str] = {
     ("data", "demo"): "datamodules.demo:main",
     ("data", "cache-latents"): "datamodules.cache:main_cache_latents",
     ("data", "cache-tokens"): "datamodules.cache:main_cache_tokens",
+    ("judge", "train"): "callbacks.judge:main_train",
     ("sample",): "ardiff.sample:main",
     ("eval",): "ardiff.evaluate:main",
     ("convert-ckpt",): "ardiff.convert:main",
@@ -63,9 +65,9 @@ def run_subcommand(argv: list[str]) -> int | None:
         if tuple(argv[: len(words)]) == words:
             module, func = target.split(":")
             return int(getattr(importlib.import_module(module), func)(argv[len(words) :]) or 0)
-    if argv and argv[0] == "data":
-        names = ", ".join(w[1] for w in SUBCOMMANDS if w[0] == "data")
-        print(f"ardiff data: unknown or missing command {argv[1:2]}; choose one of: {names}", file=sys.stderr)
+    if argv and argv[0] in ("data", "judge"):
+        names = ", ".join(w[1] for w in SUBCOMMANDS if w[0] == argv[0])
+        print(f"ardiff {argv[0]}: unknown or missing command {argv[1:2]}; choose one of: {names}", file=sys.stderr)
         return 2
     return None
 

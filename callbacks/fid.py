@@ -1,8 +1,9 @@
 """FIDCallback: FID / IS (/ precision, recall) of class-balanced EMA samples, generated and measured on all ranks.
 
-Every rank samples its share of the `SamplePlan` (see callbacks/sampling.py), extracts Inception features locally,
-then the features are all-gathered and put back in global index order, so every rank computes the same metrics on
-exactly the requested N samples, whatever the world size. All collectives run on every rank.
+Every rank samples its share of the `SamplePlan` (see callbacks/sampling.py) and extracts Inception features locally
+into a torchmetrics `IndexedFeatures` metric, whose `compute()` all-gathers them and puts them back in global index
+order, so every rank computes the same metrics on exactly the requested N samples, whatever the world size. All
+collectives run on every rank.
 """
 
 import os
@@ -12,11 +13,18 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 
 from callbacks.inception import build_inception, extract_features
-from callbacks.metrics import ReferenceStats, compute_metrics, inception_score, load_reference, stats_from_features
+from callbacks.metrics import (
+    IndexedFeatures,
+    ReferenceStats,
+    compute_metrics,
+    inception_score,
+    load_reference,
+    stats_from_features,
+)
 from callbacks.sampling import SamplePlan, eval_mode, iter_rank_chunks
+from datamodules.images import iter_images
 
 
 class FIDCallback(L.Callback):
@@ -113,9 +121,7 @@ class FIDCallback(L.Callback):
                 f"reference statistics {self.reference!r} not found; write them with `ardiff eval --write-ref "
                 f"{self.reference} <val shards or folder> --image-size <res>`, or set reference_source: val"
             )
-        if trainer.is_global_zero:
-            from ardiff.evaluate import iter_images  # the same reader as `ardiff eval --write-ref`
-
+        if trainer.is_global_zero:  # the same reader as `ardiff eval --write-ref`
             pools = [
                 extract_features(self.inception, batch, self.inception_batch_size)["pool"].cpu()
                 for batch in iter_images(shards, self.inception_batch_size, getattr(dm, "image_size", None))
@@ -140,20 +146,17 @@ class FIDCallback(L.Callback):
             self.write_reference_if_missing(trainer)
             self.ref = load_reference(self.reference, self.inception, self.compute_pr, self.inception_batch_size)
 
-        # seeded with empty rows: a rank can own no chunk when there are fewer chunks than ranks
-        indices = [torch.zeros(0, dtype=torch.long, device=device)]
-        pools = [torch.zeros(0, 2048, device=device)]
-        logits = [torch.zeros(0, self.inception.fc.out_features, device=device)]
+        features = IndexedFeatures({"pool": 2048, "logits": self.inception.fc.out_features}).to(device)
+        features.update_empty()  # a rank can own no chunk when there are fewer chunks than ranks
         with eval_mode(pl_module):
             chunks = iter_rank_chunks(
                 pl_module.sample_images, plan, trainer.global_rank, trainer.world_size, device, **self.sample_kwargs
             )
             for k, images in chunks:
                 feats = extract_features(self.inception, images, self.inception_batch_size)
-                indices.append(plan.chunk_indices(k).to(device))
-                pools.append(feats["pool"])
-                logits.append(feats["logits"])
-        pool, logit = self._gather(trainer, plan, indices, pools, logits)
+                features.update(plan.chunk_indices(k), pool=feats["pool"], logits=feats["logits"])
+        gathered = features.compute(plan.num_samples)  # all-gather (collective), in sample-index order
+        pool, logit = gathered["pool"], gathered["logits"]  # (N, 2048), (N, 1008) on CPU
 
         if self.ref is not None:
             metrics = compute_metrics(pool, logit if self.compute_is else None, self.ref, self.compute_pr)
@@ -166,22 +169,3 @@ class FIDCallback(L.Callback):
         took = time.perf_counter() - start
         rank_zero_info(f"[FIDCallback] step {trainer.global_step}: {shown} ({plan.num_samples} samples, {took:.0f}s)")
         return metrics
-
-    @staticmethod
-    def _gather(
-        trainer: L.Trainer, plan: SamplePlan, indices: list[Tensor], pools: list[Tensor], logits: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """All ranks' (index, features) -> features (N, D) in global index order, on every rank (CPU)."""
-        idx, pool, logit = torch.cat(indices), torch.cat(pools), torch.cat(logits)  # (n,), (n, 2048), (n, 1008)
-        if trainer.world_size > 1:
-            rows = plan.calls_per_rank(trainer.world_size) * plan.chunk_size  # same on every rank, >= n
-            pad = rows - idx.numel()
-            idx = torch.cat([idx, idx.new_full((pad,), -1)])
-            pool, logit = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (pool, logit))
-            idx, pool, logit = (trainer.strategy.all_gather(t).flatten(0, 1) for t in (idx, pool, logit))
-            keep = idx >= 0
-            idx, pool, logit = idx[keep], pool[keep], logit[keep]
-        order = idx.argsort()
-        if not torch.equal(idx[order].cpu(), torch.arange(plan.num_samples)):
-            raise RuntimeError("gathered sample indices are not exactly 0..N-1: ranks disagree on the sample plan")
-        return pool[order].cpu(), logit[order].cpu()

@@ -8,6 +8,11 @@ the bias-free logits, k-NN precision/recall with k=3); this module only adapts i
 - ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`): `mu`, `sigma` (FID uses these) and `arr_0`
   (M,H,W,3) uint8 images (used for precision/recall only, as in the ADM suite).
 - any npz with only `arr_0`: statistics are computed from the images.
+
+Metric state and DDP synchronisation are torchmetrics `Metric`s: `IndexedFeatures` (per-sample features, gathered
+from all ranks and put back in sample-index order, for FID/IS/PR which need every feature) and `FeatureMoments`
+(sums of features and of their outer products, summed over ranks, for a Frechet distance of any feature space).
+`compute()` syncs, so it must run on every rank.
 """
 
 from dataclasses import dataclass
@@ -18,8 +23,10 @@ from torch import Tensor
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
+from torchmetrics import Metric
 
 from callbacks.inception import extract_features
+from datamodules.images import nhwc_to_nchw
 
 
 @dataclass
@@ -47,9 +54,12 @@ def stats_from_features(pool: Tensor, keep_features: bool = True) -> ReferenceSt
     return ReferenceStats(stats["mu"], stats["sigma"], features, num_images=pool.shape[0])
 
 
-def frechet_distance(stats: dict[str, np.ndarray], ref: ReferenceStats) -> float:
-    """FID between sample statistics {'mu', 'sigma'} and reference statistics (float64, torch-fidelity's formula)."""
-    ref_stats = {"mu": ref.mu, "sigma": ref.sigma}
+def frechet_distance(stats: dict[str, np.ndarray], ref: "ReferenceStats | dict[str, np.ndarray]") -> float:
+    """Frechet distance between statistics {'mu', 'sigma'} and reference statistics (float64, torch-fidelity's
+    formula: ||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 sum sqrt(eig(S1 S2)))."""
+    ref_stats = ref if isinstance(ref, dict) else {"mu": ref.mu, "sigma": ref.sigma}
+    stats = {k: np.asarray(stats[k], dtype=np.float64) for k in ("mu", "sigma")}
+    ref_stats = {k: np.asarray(ref_stats[k], dtype=np.float64) for k in ("mu", "sigma")}
     return fid_statistics_to_metric(stats, ref_stats, verbose=False)["frechet_inception_distance"]
 
 
@@ -108,7 +118,67 @@ def load_reference(
     return ReferenceStats(mu, sigma, features, num_images=None if features is None else features.shape[0])
 
 
-def nhwc_to_nchw(images: np.ndarray) -> Tensor:
-    """ADM layout (N,H,W,3) uint8 -> (N,3,H,W) uint8 tensor."""
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, (images.dtype, images.shape)
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+class IndexedFeatures(Metric):
+    """Per-sample feature rows tagged with their global sample index; `compute()` gathers all ranks' rows and
+    returns them in index order, checking that the indices are exactly 0..N-1 (each sample measured once)."""
+
+    full_state_update = False
+
+    def __init__(self, dims: dict[str, int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dims = dict(dims)
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        for name in self.dims:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update_empty(self) -> None:
+        """Add (0, D) rows: call once on every rank, so that a rank owning no sample still gathers 2-d tensors."""
+        self.update(torch.zeros(0, dtype=torch.long), **{n: torch.zeros(0, d) for n, d in self.dims.items()})
+
+    def update(self, index: Tensor, **features: Tensor) -> None:
+        """index (n,) int64, features name -> (n, D)."""
+        self.index.append(index.to(self.device, torch.long))
+        for name in self.dims:
+            getattr(self, name).append(features[name].detach().float().to(self.device))
+
+    def compute(self, num_samples: int | None = None) -> dict[str, Tensor]:
+        """name -> (N, D) float32 on CPU, rows in sample-index order."""
+        from torchmetrics.utilities.data import dim_zero_cat
+
+        idx = dim_zero_cat(self.index).cpu()
+        order = idx.argsort()
+        expected = torch.arange(num_samples if num_samples is not None else idx.numel())
+        if not torch.equal(idx[order], expected):
+            raise RuntimeError("gathered sample indices are not exactly 0..N-1: ranks disagree on the sample plan")
+        return {name: dim_zero_cat(getattr(self, name)).cpu()[order] for name in self.dims}
+
+
+class FeatureMoments(Metric):
+    """Count, sum and sum of outer products of feature vectors (float64), summed over ranks: enough for the mean and
+    covariance of any number of samples without keeping them. `compute()` -> {'mu': (D,), 'sigma': (D,D)} float64
+    numpy, sigma with the unbiased (N-1) normalisation of np.cov."""
+
+    full_state_update = False
+
+    def __init__(self, dim: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.add_state("n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("s", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("ss", default=torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, features: Tensor) -> None:
+        """features (n, D)."""
+        f = features.detach().to(self.device, torch.float64)
+        self.n += f.shape[0]
+        self.s += f.sum(0)
+        self.ss += f.T @ f
+
+    def compute(self) -> dict[str, np.ndarray]:
+        n = float(self.n)
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {n:.0f}")
+        s, ss = self.s.cpu().numpy(), self.ss.cpu().numpy()
+        mu = s / n
+        sigma = (ss - n * np.outer(mu, mu)) / (n - 1)
+        return {"mu": mu, "sigma": sigma}
