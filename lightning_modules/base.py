@@ -265,17 +265,23 @@ class GenerativeModule(L.LightningModule):
         global_batch = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
         return self.blr * global_batch / 256
 
+    def lr_scale(self, name: str, param: nn.Parameter) -> float:
+        """Multiplier of the lr (and its schedule) for one parameter (default 1)."""
+        return 1.0
+
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
+        lr = self.peak_lr()
+        by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p in self.net.named_parameters():
             if p.requires_grad:
-                (no_decay if self.no_weight_decay(name, p) else decay).append(p)
+                key = (self.no_weight_decay(name, p), self.lr_scale(name, p))
+                by_group.setdefault(key, []).append(p)
+        # (decay, scale 1) first, then (no decay, scale 1): param_groups[0] is the reference lr that gets logged
         groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": ps, "weight_decay": 0.0 if no_wd else self.weight_decay, "lr": lr * scale}
+            for (no_wd, scale), ps in sorted(by_group.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][0]))
         ]
-        lr = self.peak_lr()
-        params = decay + no_decay
+        params = [p for g in groups for p in g["params"]]
         sharded = any(hasattr(p, "to_local") for p in params)
         fused = not sharded and all(p.device.type in ("cuda", "cpu") for p in params)
         opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps, fused=fused)
