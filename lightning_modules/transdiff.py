@@ -41,8 +41,9 @@ class TransDiffModule(GenerativeModule):
     Args:
         arch: a preset of `models.transdiff.TRANSDIFF_CONFIGS` (transdiff_base/large/huge[_mrar], tiny[_mrar]).
         arch_overrides: `TransDiffConfig` fields to change (e.g. grad_checkpointing, diffusion_batch_mul).
-        num_classes: "data" takes the class count of the DataModule (e.g. read from the shards' class index) when
-            fit starts; an int sets it; None keeps the preset's. The resolved count is stored in the checkpoint.
+        num_classes, image_size: "data" takes the DataModule's (its class count, e.g. read from the shards' class
+            index; its image size) when fit starts; an int sets it; None keeps the preset's. The resolved values
+            are stored in the checkpoint's hyperparameters.
         vae: "kl16" (MAR's KL-16, weights from `vae_path` or $ARDIFF_KL16) or "identity" (pixel space).
         num_steps, cfg, scale_0, scale_1: sampling defaults (official sampler; cfg may be per MRAR round).
         encoder_lr_scale: lr multiplier of the encoder (everything outside `diffdecoder`); official: 1. Small models
@@ -57,6 +58,7 @@ class TransDiffModule(GenerativeModule):
         arch: str = "transdiff_large",
         arch_overrides: dict[str, Any] | None = None,
         num_classes: int | Literal["data"] | None = None,
+        image_size: int | Literal["data"] | None = None,
         vae: Literal["kl16", "identity"] = "kl16",
         vae_path: str | None = None,
         num_steps: int = 100,
@@ -73,7 +75,9 @@ class TransDiffModule(GenerativeModule):
         config = replace(TRANSDIFF_CONFIGS[arch], **(arch_overrides or {}))
         if isinstance(num_classes, int):
             config = replace(config, num_classes=num_classes)
-        self.num_classes_from_data = num_classes == "data"
+        if isinstance(image_size, int):
+            config = replace(config, img_size=image_size)
+        self.from_data = {k: v for k, v in (("num_classes", num_classes), ("image_size", image_size)) if v == "data"}
         self.net = TransDiff(config)
         self.num_classes, self.image_size = config.num_classes, config.img_size
         self.vae_kind, self.vae_path = vae, vae_path
@@ -96,13 +100,14 @@ class TransDiffModule(GenerativeModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self.num_classes_from_data and getattr(dm, "num_classes", None) is not None:
-            n = int(dm.num_classes)
-            if n != self.num_classes:  # rebuilt before any weights are loaded (init_from / resume come later)
-                self.net = TransDiff(replace(self.net.cfg, num_classes=n))
+        resolved = {k: int(getattr(dm, k)) for k in self.from_data if getattr(dm, k, None) is not None}
+        if resolved:
+            cfg = replace(self.net.cfg, **{"img_size" if k == "image_size" else k: v for k, v in resolved.items()})
+            if cfg != self.net.cfg:  # rebuilt before any weights are loaded (init_from / resume come later)
+                self.net = TransDiff(cfg)
                 self.init_ema()
-                self.num_classes = n
-            self.hparams["num_classes"] = n  # checkpoints rebuild the same network
+                self.num_classes, self.image_size = cfg.num_classes, cfg.img_size
+            self.hparams.update(resolved)  # checkpoints rebuild the same network
         super().setup(stage)
         self.vae  # noqa: B018  (fail at start-up, not at the first sample, when the VAE weights are missing)
 
