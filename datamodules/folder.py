@@ -1,7 +1,7 @@
 """Your own data: the shards of one ImageFolder (`ardiff data write-shards DIR OUT`), class count read from them.
 
-    ardiff data write-shards my_images/ shards/mine
-    ardiff fit -c experiments/transdiff/small.yaml --data.init_args.shards shards/mine
+ardiff data write-shards my_images/ shards/mine
+ardiff fit -c experiments/transdiff/small.yaml --data.init_args.shards shards/mine
 """
 
 import json

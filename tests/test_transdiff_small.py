@@ -47,7 +47,9 @@ def _train_encoder_steps(encoder_lr_scale: float, steps: int = 20) -> float:
     optimizer, sched = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=steps * 32)
-    images = np.stack([render_shape_image(int(c), 10, 32, np.random.default_rng([7, i]), 1) for i, c in enumerate(labels)])
+    images = np.stack(
+        [render_shape_image(int(c), 10, 32, np.random.default_rng([7, i]), 1) for i, c in enumerate(labels)]
+    )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 32, 32)
     y = torch.from_numpy(labels).long()
     start = class_variance(module.net)
