@@ -25,7 +25,7 @@ class SampleGridCallback(L.Callback):
     ) -> None:
         super().__init__()
         self.every_n_steps, self.samples_per_class, self.seed, self.tag = every_n_steps, samples_per_class, seed, tag
-        self.classes = list(classes) if classes is not None else [0, 1, 2, 3]
+        self.classes = list(classes) if classes is not None else None  # None: the first (up to) 10 classes
         self.sample_kwargs = dict(sample_kwargs or {})
         self._last_logged_step = -1
 
@@ -41,7 +41,8 @@ class SampleGridCallback(L.Callback):
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample on every rank (same labels and seed everywhere); log from rank 0."""
         self._last_logged_step = trainer.global_step
-        labels = torch.tensor(self.classes, device=pl_module.device).repeat_interleave(self.samples_per_class)
+        classes = self.classes if self.classes is not None else list(range(min(10, pl_module.num_classes)))
+        labels = torch.tensor(classes, device=pl_module.device).repeat_interleave(self.samples_per_class)
         generator = torch.Generator().manual_seed(self.seed)  # same grid noise at every step
         with eval_mode(pl_module):
             images = to_uint8(pl_module.sample_images(labels, generator=generator, **self.sample_kwargs))  # (B,3,H,W)

@@ -1,8 +1,9 @@
 """Built-in demo data: procedurally generated class-conditional coloured shapes (no download).
 
 Each class is a shape (circle, square, triangle, star, ring, cross, rhombus, hexagon, crescent, heart; beyond 10
-classes the shapes repeat with a distinct hue family per repetition) at a random position, scale, rotation and
-colour over a random textured background (smooth noise, gradient or stripes). Images are rendered deterministically
+classes the shapes repeat) in a colour of its own (hue label/num_classes, slightly jittered; random saturation and
+brightness) at a random position, scale and rotation over a random textured background (smooth noise, gradient or
+stripes). Images are rendered deterministically
 from (seed, split, class, index), written as a PNG ImageFolder and then through the real shard writer.
 
     ardiff data demo --out data/demo --size 32 --train-per-class 500 --val-per-class 50
@@ -108,9 +109,7 @@ def render_shape_image(
     dx, dy = (x - cx) / radius, (y - cy) / radius
     u, v = dx * math.cos(rot) + dy * math.sin(rot), -dx * math.sin(rot) + dy * math.cos(rot)
     mask = shape_mask(SHAPES[label % len(SHAPES)], u, v)[..., None]
-    families = math.ceil(num_classes / len(SHAPES))
-    family = label // len(SHAPES)
-    hue = (family + rng.random()) / families if families > 1 else rng.random()
+    hue = (label + rng.uniform(-0.2, 0.2)) / num_classes  # the class's own hue: shape and colour identify it
     color = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
     shade = 1.0 - 0.25 * (u + v).clip(-1, 1)[..., None] * 0.5  # soft light from the top-left
     img = np.where(mask, color * shade, img)
@@ -184,7 +183,7 @@ def make_demo_data(
 
 def demo_subdir(num_classes: int, image_size: int, train_per_class: int, val_per_class: int, seed: int) -> str:
     """Folder name under the demo root, keyed by every setting that changes the data."""
-    return f"shapes{image_size}-c{num_classes}-n{train_per_class}-{val_per_class}-s{seed}"
+    return f"shapes2-{image_size}-c{num_classes}-n{train_per_class}-{val_per_class}-s{seed}"
 
 
 class DemoDataModule(WebDataModule):

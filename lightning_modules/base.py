@@ -344,22 +344,31 @@ class GenerativeModule(L.LightningModule):
         global_batch = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
         return self.blr * global_batch / 256
 
+    def lr_scale(self, name: str, param: nn.Parameter) -> float:
+        """Multiplier of the lr (and its schedule) for one parameter (default 1)."""
+        return 1.0
+
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
+        lr = self.peak_lr()
+        by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p in self.net.named_parameters():
             if p.requires_grad:
-                (no_decay if self.no_weight_decay(name, p) else decay).append(p)
+                key = (self.no_weight_decay(name, p), self.lr_scale(name, p))
+                by_group.setdefault(key, []).append(p)
+        # (decay, scale 1) first, then (no decay, scale 1): param_groups[0] is the reference lr that gets logged
         groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": ps, "weight_decay": 0.0 if no_wd else self.weight_decay, "lr": lr * scale}
+            for (no_wd, scale), ps in sorted(by_group.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][0]))
         ]
+        params = [p for g in groups for p in g["params"]]
+        decay = [p for (no_wd, _), ps in by_group.items() if not no_wd for p in ps]
+        no_decay = [p for (no_wd, _), ps in by_group.items() if no_wd for p in ps]
         count = lambda ps: sum(p.numel() for p in ps)
         rank_zero_info(
             f"[ardiff] AdamW groups: {len(decay)} tensors with weight decay {self.weight_decay} ({count(decay):,} "
             f"parameters), {len(no_decay)} tensors without ({count(no_decay):,} parameters)"
+            + (f"; lr scales {sorted({g['lr'] / lr for g in groups})}" if len(groups) > 2 and lr > 0 else "")
         )
-        lr = self.peak_lr()
-        params = decay + no_decay
         sharded = any(hasattr(p, "to_local") for p in params)
         fused = not sharded and all(p.device.type in ("cuda", "cpu") for p in params)
         opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps, fused=fused)
