@@ -108,6 +108,7 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         max_workers: int = 64,
         group_size: int = 1,
+        flip: bool = True,
     ):
         super().__init__()
         if not urls:
@@ -115,6 +116,7 @@ class ShardStream(IterableDataset):
         self.urls, self.kind, self.image_size, self.batch_size, self.train = urls, kind, image_size, batch_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.resampled, self.group_size = shuffle_buffer, resampled, group_size
+        self.flip = flip  # random horizontal flip of training samples (validation is never flipped)
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches consumed by this rank)
         self.skips = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()  # slot 0: main process
 
@@ -161,7 +163,7 @@ class ShardStream(IterableDataset):
             yield rng.choice(self.urls)
 
     def decode(self, sample: dict, epoch: int) -> dict:
-        flip = self.train and _coin(self.seed, epoch, sample["__key__"])
+        flip = self.train and self.flip and _coin(self.seed, epoch, sample["__key__"])
         label = int(sample["cls"])
         if self.kind == "image":
             img = center_crop_arr(decode_image(image_bytes(sample)), self.image_size)
@@ -276,6 +278,8 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: samples per worker mixed before batching (ImageNet: >= a shard's worth, e.g. 1000-5000).
         group_size: >1 makes each training item a group of that many distinct images of one class, batched as
             (B, n, ...) (MRAR training: 4); validation stays ungrouped.
+        flip: random horizontal flip of training samples (off for digits, text, any orientation-bound data);
+            validation samples are never flipped.
     """
 
     def __init__(
@@ -296,6 +300,7 @@ class WebDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 4,
         group_size: int = 1,
+        flip: bool = True,
     ):
         super().__init__()
         if kind not in ("image", "latent", "tokens"):
@@ -308,7 +313,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
-        self.group_size = group_size
+        self.group_size, self.flip = group_size, flip
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.streams: list[ShardStream] = []
@@ -360,7 +365,7 @@ class WebDataModule(L.LightningDataModule):
         stream = ShardStream(
             self.train_urls, self.kind, self.image_size, self.batch_size, train=True, seed=self.seed, rank=rank,
             world_size=world_size, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-            max_workers=self.num_workers, group_size=self.group_size,
+            max_workers=self.num_workers, group_size=self.group_size, flip=self.flip,
         )  # fmt: skip
         self.streams.append(stream)
         shards_per_rank = len(self.train_urls) // world_size

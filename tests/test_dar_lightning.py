@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_modules.dar import DARGPTModule, DARTokenizerModule, load_dinov2, load_lpips
+from lightning_modules.dar import DARGPTModule, DARTokenizerModule
 from models.dar_tokenizer import load_dar_tokenizer
+from models.perceptual import load_dinov2, load_lpips
 
 torch.set_num_threads(1)
 
