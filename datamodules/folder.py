@@ -55,8 +55,7 @@ class ShardFolderDataModule(WebDataModule):
         split = os.path.isdir(os.path.join(shards, "train"))
         train = os.path.join(shards, "train") if split else shards
         val = os.path.join(shards, "val") if split and os.path.isdir(os.path.join(shards, "val")) else train
-        kwargs.setdefault("val_shards", val)
-        kwargs.setdefault("prefetch_factor", 2)
+        kwargs["val_shards"] = kwargs.get("val_shards") or val
         super().__init__(
             train_shards=train, image_size=image_size, num_classes=num_classes or num_classes_of(train),
             flip=flip, batch_size=batch_size, num_workers=num_workers, **kwargs,
