@@ -4,7 +4,8 @@
     ardiff fit -c experiments/dar/small_tokenizer.yaml --data.shards shards/mine
 
 `OUT` may hold the shards directly (then validation reads the first batches of the same shards, i.e. training
-images) or `OUT/train` and `OUT/val` (two write-shards runs, the second with `--class-index OUT/train/class_index.json`).
+images) or `OUT/train` and `OUT/val` (two write-shards runs, the second with
+`--class-index OUT/train/class_index.json`).
 The class count comes from the `class_index.json` that write-shards puts next to the training shards.
 """
 
