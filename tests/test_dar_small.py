@@ -71,3 +71,21 @@ def test_codebook_usage_metric():
     used, perplexity = metric.compute()
     p = torch.tensor([0.25, 0.25, 0.5])  # hand-computed histogram
     assert used == 3 and math.isclose(perplexity.item(), math.exp(-(p * p.log()).sum().item()), rel_tol=1e-6)
+
+
+def test_tokenizer_validation_metrics_equal_direct_computation():
+    from lightning_modules.dar import DARTokenizerModule
+
+    torch.manual_seed(0)
+    module = DARTokenizerModule(config="tiny", lpips_weight=0, repa_weight=0, recon_every_n_steps=0)
+    module.validation_lpips = lambda: None  # PSNR/SSIM/codes only (no VGG16 weights offline)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    module.on_validation_epoch_start()
+    module.validation_step({"image": x, "label": torch.zeros(4, dtype=torch.long)}, 0)
+    with module.sampling() as net:
+        ids = net.encode_tokens(x)
+        rec = net.decode_tokens(ids, torch.Generator().manual_seed(0)).clamp(-1, 1)
+    mse = ((rec - x) ** 2).mean()
+    assert math.isclose(module.recon_metrics["psnr"].compute().item(), 10 * math.log10(4 / mse.item()), rel_tol=1e-5)
+    used, _ = module.recon_metrics["codes"].compute()
+    assert used == len(set(ids.flatten().tolist()))
