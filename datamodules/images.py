@@ -19,13 +19,15 @@ from datamodules.transforms import IMAGE_FIELDS, center_crop_arr, decode_image, 
 from datamodules.webdataset import expand_shards
 
 
-def is_shards(source: str) -> bool:
+def is_shards(source: str | list[str]) -> bool:
+    if not isinstance(source, str):  # a list of shard specs, as WebDataModule accepts
+        return True
     return source.endswith(".tar") or "{" in source or (os.path.isdir(source) and bool(glob(f"{source}/*.tar")))
 
 
-def shard_dir(source: str) -> str:
-    """The folder holding the shards of `source` (a folder, a .tar file or a brace pattern)."""
-    if os.path.isdir(source):
+def shard_dir(source: str | list[str]) -> str:
+    """The folder holding the (first) shards of `source` (a folder, a .tar file, a brace pattern or a list)."""
+    if isinstance(source, str) and os.path.isdir(source):
         return source
     return os.path.dirname(expand_shards(source)[0]) or "."
 
@@ -68,7 +70,7 @@ def _iter_arrays(source: str, image_size: int | None, labels: bool) -> Iterator[
 
 
 def _iter(source: str, batch_size: int, image_size: int | None, labels: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    if source.endswith(".npz"):
+    if isinstance(source, str) and source.endswith(".npz"):
         with np.load(source) as npz:
             arr = npz["arr_0"]  # (N, H, W, 3) uint8
             if labels and "labels" not in npz.files:

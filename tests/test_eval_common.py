@@ -166,3 +166,20 @@ def test_missing_weights_error_names_file_and_places(clean_env, monkeypatch):
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(clean_env / "nope.pth"))
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_ENV):
         resolve_inception_weights(None)
+
+
+# ---------------------------------------------------------------- layout
+def test_callbacks_do_not_import_the_cli():
+    """callbacks/ (and the shared image reader) never import `ardiff` (the CLI), even lazily at evaluation time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, callbacks, callbacks.fid, callbacks.judge, datamodules.images; "
+        "bad = sorted(m for m in sys.modules if m == 'ardiff' or m.startswith('ardiff.')); "
+        "assert not bad, bad; "
+        "import inspect; src = inspect.getsource(callbacks.fid) + inspect.getsource(callbacks.judge); "
+        "assert 'import ardiff' not in src and 'from ardiff' not in src"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from callbacks.judge import Judge, JudgeCallback, load_judge, save_judge, save_statistics
 from callbacks.sampling import generate_chunk
+from models.checkpoint import CheckpointError
 from tests.test_eval_common import FakeGenerator, dummy_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +33,16 @@ TINY = {"channels": [8, 16, 16, 16], "stem_width": 8, "output_stride": 8}  # a f
 
 # ------------------------------------------------------------------ stubs
 class StubNet(nn.Module):
-    """timm's classifier interface with known maps: features = P @ avgpool4x4(x), logits = W @ features."""
+    """timm's classifier interface with known maps: features = P @ avgpool4x4(x), logits = W @ features + b."""
 
-    def __init__(self, proj: np.ndarray, head: np.ndarray) -> None:
+    def __init__(self, proj: np.ndarray, head: np.ndarray, bias: np.ndarray) -> None:
         super().__init__()
         self.proj = nn.Linear(proj.shape[1], proj.shape[0], bias=False)
-        self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        self.head = nn.Linear(head.shape[1], head.shape[0])
         with torch.no_grad():
             self.proj.weight.copy_(torch.from_numpy(proj))
             self.head.weight.copy_(torch.from_numpy(head))
+            self.head.bias.copy_(torch.from_numpy(bias))
         self.num_classes, self.num_features = head.shape[0], head.shape[1]
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -54,24 +56,17 @@ class StubNet(nn.Module):
         return self.head
 
 
-def numpy_judge(images: np.ndarray, proj: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Independent computation of StubNet on uint8 (N,3,16,16) images: (logits, features) in float64."""
+def numpy_features(images: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Independent computation of StubNet's features of uint8 (N,3,16,16) images, float64 (N, F)."""
     x = (images.astype(np.float64) / 255 - 0.5) / 0.5
     pooled = x.reshape(len(x), 3, 4, 4, 4, 4).mean(axis=(3, 5)).reshape(len(x), 48)
-    feats = pooled @ proj.T
-    return feats @ head.T, feats
+    return pooled @ proj.T
 
 
 def numpy_fd(a: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     mu1, sigma1 = a.mean(0), np.cov(a, rowvar=False)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def stub_judge(num_classes: int = 4, dim: int = 6) -> tuple[Judge, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    proj, head = rng.normal(size=(dim, 48)), rng.normal(size=(num_classes, dim))
-    return Judge(StubNet(proj, head), image_size=16), proj, head
 
 
 def fit(model: L.LightningModule, callback: JudgeCallback, steps: int = 1, **kwargs) -> Trainer:
@@ -83,23 +78,28 @@ def fit(model: L.LightningModule, callback: JudgeCallback, steps: int = 1, **kwa
 
 
 def test_judge_figures_equal_direct_computation(tmp_path, capsys):
-    judge, proj, head = stub_judge()
+    model = FakeGenerator(num_classes=4)
+    cb = JudgeCallback(judge=str(tmp_path / "unused.pt"), reference=str(tmp_path / "ref.npz"), num_samples=20,
+                       chunk_size=6, every_n_steps=1, batch_size=7)  # fmt: skip
+    plan = cb.plan(model)  # 4 chunks of 6 (the last padded): the images the callback will measure
+    images = torch.cat([generate_chunk(model.sample_images, plan, k, torch.device("cpu")) for k in range(4)]).numpy()
+    labels = np.repeat(np.arange(4), 5)  # MAR's class-balanced labels for N=20, C=4
+    # stub judge: a random projection to 6 features, then the nearest class mean (of a noisier copy of the features)
+    proj = np.random.default_rng(0).normal(size=(6, 48))
+    feats = numpy_features(images, proj)
+    noisy = feats + np.random.default_rng(2).normal(size=feats.shape) * feats.std(0) * 1.5
+    means = np.stack([noisy[labels == c].mean(0) for c in range(4)])  # (4, 6)
+    head, bias = means, -0.5 * (means**2).sum(1)  # argmax of W f + b = the nearest class mean
+    logits = feats @ head.T + bias
+    expected_acc = float((logits.argmax(1) == labels).mean())
+    assert 0.5 < expected_acc < 1 and expected_acc != float((logits.argmax(1) == (labels + 1) % 4).mean())
+    cb.judge, cb.judge_path = Judge(StubNet(proj, head, bias), image_size=16), "stub"
+
     ref_feats = np.random.default_rng(1).normal(size=(40, 6))
     mu_r, sigma_r = ref_feats.mean(0), np.cov(ref_feats, rowvar=False)
     save_statistics(str(tmp_path / "ref.npz"), {"mu": mu_r, "sigma": sigma_r}, "test")
-    cb = JudgeCallback(judge=str(tmp_path / "unused.pt"), reference=str(tmp_path / "ref.npz"), num_samples=20,
-                       chunk_size=6, every_n_steps=1, batch_size=7)  # fmt: skip
-    cb.judge, cb.judge_path = judge, "stub"
-    model = FakeGenerator(num_classes=4)
     trainer = fit(model, cb, steps=2)
-
-    plan = cb.plan(model)  # 4 chunks of 6 (the last padded): the images the callback measured
-    images = torch.cat([generate_chunk(model.sample_images, plan, k, torch.device("cpu")) for k in range(4)]).numpy()
-    labels = np.repeat(np.arange(4), 5)  # MAR's class-balanced labels for N=20, C=4
-    logits, feats = numpy_judge(images, proj, head)
-    expected_acc = float((logits.argmax(1) == labels).mean())
-    assert 0 < expected_acc < 1  # a discriminating case: neither all right nor all wrong
-    assert cb.last_metrics["class_acc"] == pytest.approx(expected_acc, abs=1e-12)
+    assert cb.last_metrics["class_acc"] == pytest.approx(expected_acc, abs=1e-6)  # 14 of 20
     assert cb.last_metrics["fd_judge"] == pytest.approx(numpy_fd(feats, mu_r, sigma_r), rel=1e-6)
     assert trainer.callback_metrics["val/class_acc"].item() == pytest.approx(expected_acc)
     assert "val/fd_judge" in trainer.progress_bar_metrics
@@ -164,8 +164,11 @@ class RealImages(FakeGenerator):
         return self.images[torch.cat(picks)].float() / 127.5 - 1  # (B, 3, 16, 16) in [-1, 1]
 
 
+TRAIN_KWARGS = {"model_kwargs": TINY, "epochs": 6, "batch_size": 16, "lr": 5e-3, "image_size": 16}
+
+
 def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, capsys):
-    train_kwargs = {"model_kwargs": TINY, "epochs": 6, "batch_size": 16, "lr": 5e-3, "image_size": 16}
+    train_kwargs = TRAIN_KWARGS
     real = JudgeCallback(judge="auto", num_samples=40, chunk_size=20, train_kwargs=train_kwargs)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, callbacks=[real],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -186,6 +189,45 @@ def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, 
     assert blind.last_metrics["fd_judge"] < 5 * max(real.last_metrics["fd_judge"], 1e-3) + 1  # same image set
 
 
+def test_ardiff_eval_with_judge(colour_shards, tmp_path):
+    from ardiff import evaluate
+    from callbacks.judge import ensure_judge
+    from datamodules.images import load_labeled_images
+
+    judge = ensure_judge(str(colour_shards / "train" / "judge_resnet10t_16.pt"), str(colour_shards / "train"),
+                         str(colour_shards / "val"), **TRAIN_KWARGS)  # fmt: skip
+    out = tmp_path / "m.json"
+    val, train = str(colour_shards / "val"), str(colour_shards / "train")
+    assert evaluate.main([val, "--judge", judge, "--judge-ref", train, "--json", str(out)]) == 0
+    real = json.loads(out.read_text())
+    assert real["class_acc"] == 1.0 and real["num_images"] == 40 and real["fd_judge"] > 0  # val vs train images
+
+    images, labels = load_labeled_images(val)  # as `ardiff sample` writes: arr_0 (N,H,W,3), labels (N,)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=((labels + 1) % 4).numpy())
+    ref = tmp_path / "ref.npz"
+    assert evaluate.main([train, "--judge", judge, "--write-judge-ref", str(ref)]) == 0
+    assert evaluate.main([str(wrong), "--judge", judge, "--judge-ref", str(ref), "--json", str(out)]) == 0
+    shifted = json.loads(out.read_text())
+    assert shifted["class_acc"] == 0.0  # every label is off by one
+    assert shifted["fd_judge"] == pytest.approx(real["fd_judge"], rel=1e-6)  # same images, cached reference
+
+
+def test_judge_training_is_deterministic_and_holds_out_a_split(tmp_path):
+    from callbacks.judge import train_judge
+
+    colour_folder(tmp_path / "img", 10, seed=3)
+    images = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / "img").glob("c*/*.png"))])
+    np.savez(tmp_path / "d.npz", arr_0=images, labels=np.repeat(np.arange(4), 10))  # as `ardiff sample` writes
+    kwargs = {"model_kwargs": TINY, "epochs": 1, "batch_size": 8, "image_size": 16, "log": False}
+    a, info = train_judge(str(tmp_path / "d.npz"), str(tmp_path / "a.pt"), **kwargs)
+    b, _ = train_judge(str(tmp_path / "d.npz"), None, **kwargs)
+    assert info["num_train"] == 36 and info["num_held_out"] == 4 and info["num_classes"] == 4
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert json.loads((tmp_path / "a.json").read_text())["held_out_accuracy"] == info["held_out_accuracy"]
+
+
 def test_judge_file_is_safe_and_missing_file_says_how(tmp_path):
     model = timm.create_model("resnet10t", num_classes=3, **TINY)
     save_judge(Judge(model, 16, meta={"arch": "resnet10t", "model_kwargs": TINY}), tmp_path / "j.pt", {"x": 1})
@@ -197,6 +239,22 @@ def test_judge_file_is_safe_and_missing_file_says_how(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "raw.pth")
     with pytest.raises(ValueError, match="arch"):
         load_judge(str(tmp_path / "raw.pth"))
+    torch.save({"state_dict": {}, "evil": argparse.ArgumentParser}, tmp_path / "evil.pt")  # a global: refused
+    with pytest.raises(CheckpointError, match="refuses"):
+        load_judge(str(tmp_path / "evil.pt"))
+
+
+def test_pretrained_timm_judge_from_a_local_file(tmp_path):
+    """ImageNet judges: timm weights (safetensors) + the timm architecture name; timm's preprocessing config."""
+    import safetensors.torch
+
+    model = timm.create_model("resnet10t.c3_in1k", pretrained=False)
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "w.safetensors")
+    judge = load_judge(str(tmp_path / "w.safetensors"), "resnet10t.c3_in1k")
+    torch.testing.assert_close(judge.model.fc.weight, model.fc.weight)
+    assert judge.num_classes == 1000 and judge.image_size == 224  # its pretrained_cfg test size (train: 176)
+    logits, feats = judge(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8))
+    assert logits.shape == (2, 1000) and feats.shape == (2, judge.num_features)
 
 
 # ------------------------------------------------------------------ world-size invariance
