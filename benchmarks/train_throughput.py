@@ -38,9 +38,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import matmul_peak, report, sync, time_fn
 from lightning_modules.base import GenerativeModule
-from lightning_modules.dar import DINOV2_ARCHS, LPIPS, DARGPTModule, DARTokenizerModule, DINOv2Features
+from lightning_modules.dar import DARGPTModule, DARTokenizerModule
 from lightning_modules.transdiff import TransDiffModule
 from models.dar_gpt import DAR_GPT_CONFIGS
+from models.perceptual import DINOV2_ARCHS, LPIPS, DINOv2Features
 from models.transdiff import TRANSDIFF_CONFIGS
 from models.vae import KL16VAE
 

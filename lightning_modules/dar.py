@@ -2,25 +2,27 @@
 
 Stage 1 loss (official vq_loss.py / paper Eq. 7): flow matching + VQ (codebook + 0.25 commitment, masked to the
 sampled group's prefix) + 0.5 LPIPS(x, one-step x1 estimate) + 0.5 REPA(DINOv2 ViT-B/14 patch features). The LPIPS
-and REPA networks need pretrained weights (see `load_lpips`, `load_dinov2`); set their weights to 0 to train
+and REPA networks need pretrained weights (`models/perceptual.py`); set their weights to 0 to train
 without them (the CPU demo does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from einops import rearrange
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchvision.utils import make_grid
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchvision.utils import make_grid, save_image
 
 from lightning_modules.base import GenerativeModule
-from models.checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
+from models.checkpoint import CheckpointError, safe_torch_load
 from models.dar_gpt import DAR_GPT_CONFIGS, DARGPT, GPTConfig, bf16_inference_copy, sample_tokens
 from models.dar_tokenizer import (
     DARTokenizer,
@@ -30,126 +32,30 @@ from models.dar_tokenizer import (
     load_dar_tokenizer,
     make_tokenizer_config,
 )
+from models.perceptual import load_dinov2, load_lpips
 from models.presets import config_dict, resolve_config
-
-#################################################################################
-#                 Frozen loss networks (pretrained weights needed)              #
-#################################################################################
-
-
-def resolve_weights(path: str | None, env: str, cache_name: str, what: str, how: str) -> str:
-    """An explicit path, else $env, else `<torch hub dir>/checkpoints/<cache_name>`; a clear error if none exists."""
-    candidates = [path, os.environ.get(env), os.path.join(torch.hub.get_dir(), "checkpoints", cache_name)]
-    for c in candidates:
-        if c and os.path.isfile(c):
-            return c
-    raise FileNotFoundError(
-        f"{what} weights not found (looked at: explicit path {path!r}, ${env}, {candidates[-1]}). {how} "
-        "Or set this loss weight to 0 to train without it."
-    )
-
-
-class LPIPS(nn.Module):
-    """VGG16 LPIPS (taming/LlamaGen `lpips.py`): unit-normalised relu1_2..relu5_3 features, squared difference,
-    learned 1x1 channel weights (`lin{i}.model.1.weight`), spatial mean, summed over the 5 layers. Inputs in [-1, 1]."""
-
-    CHANNELS = (64, 128, 256, 512, 512)
-    SLICES = (4, 9, 16, 23, 30)  # ends of the vgg16.features slices
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
-        self.net = torchvision.models.vgg16().features[: self.SLICES[-1]]
-        for i, c in enumerate(self.CHANNELS):
-            lin = nn.Module()
-            lin.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
-            self.add_module(f"lin{i}", lin)
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        feats, start = [], 0
-        x = (x - self.shift) / self.scale
-        for end in self.SLICES:
-            x = self.net[start:end](x)
-            feats.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-            start = end
-        return feats
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """(B, 3, H, W) x2 -> (B,) distances."""
-        total = 0.0
-        for i, (a, b) in enumerate(zip(self.features(x), self.features(y), strict=True)):
-            total = total + getattr(self, f"lin{i}").model((a - b) ** 2).mean(dim=(1, 2, 3))
-        return total
-
-
-def load_lpips(vgg_path: str | None = None, lin_path: str | None = None) -> LPIPS:
-    """LPIPS from torchvision's VGG16 weights (`vgg16-397923af.pth`, keys features.N.*) and the LPIPS linear
-    layers (`vgg.pth`, shipped as tokenizer/tokenizer_image/cache/vgg.pth in showlab/D-AR). Strict keys."""
-    vgg_file = resolve_weights(
-        vgg_path, "ARDIFF_VGG16_PATH", "vgg16-397923af.pth", "VGG16 (LPIPS)",
-        "Download https://download.pytorch.org/models/vgg16-397923af.pth and pass lpips_vgg_path.",
-    )  # fmt: skip
-    lin_file = resolve_weights(
-        lin_path, "ARDIFF_LPIPS_PATH", "vgg.pth", "LPIPS linear layers",
-        "Take vgg.pth from showlab/D-AR (tokenizer/tokenizer_image/cache/vgg.pth) and pass lpips_lin_path.",
-    )  # fmt: skip
-    model = LPIPS()
-    vgg = {
-        k.replace("features.", "net.", 1): v for k, v in safe_torch_load(vgg_file).items() if k.startswith("features.")
-    }
-    sd = {**vgg, **{k: v for k, v in safe_torch_load(lin_file).items() if k.startswith("lin")}}
-    load_state_dict_strict(model, sd, source=f"{vgg_file} + {lin_file}")
-    return model.eval().requires_grad_(False)
-
-
-DINOV2_ARCHS = {"dinov2_vitb14": dict(embed_dim=768, depth=12, num_heads=12)}
-
-
-class DINOv2Features(nn.Module):
-    """DINOv2 ViT/14 (timm implementation, facebookresearch/dinov2 key names) returning the normalised patch
-    tokens (`x_norm_patchtokens`) of 224 px inputs in [-1, 1], as REPA in the official tokenizer training."""
-
-    def __init__(self, embed_dim: int, depth: int, num_heads: int) -> None:
-        super().__init__()
-        import timm
-
-        self.vit = timm.models.VisionTransformer(
-            img_size=224, patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            init_values=1e-5, num_classes=0,
-        )  # fmt: skip
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[None, :, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225])[None, :, None, None], persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = ((x * 0.5 + 0.5) - self.mean) / self.std
-        x = F.interpolate(x, 224, mode="bicubic")
-        return self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]  # (B, 256, C)
-
-
-def load_dinov2(path: str | None = None, arch: str = "dinov2_vitb14", **arch_kwargs: int) -> DINOv2Features:
-    """DINOv2 from the torch.hub file (`dinov2_vitb14_pretrain.pth`): its 37x37 position table is resized to
-    16x16 as DINOv2's own `interpolate_pos_encoding` does (bicubic, scale (16 + 0.1) / 37); `mask_token` unused."""
-    file = resolve_weights(
-        path, "ARDIFF_DINOV2_PATH", f"{arch}_pretrain.pth", f"DINOv2 {arch} (REPA)",
-        f"Download https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}_pretrain.pth "
-        "and pass repa_weights_path.",
-    )  # fmt: skip
-    model = DINOv2Features(**(arch_kwargs or DINOV2_ARCHS[arch]))
-    sd = {("vit." + k): v for k, v in safe_torch_load(file).items() if k != "mask_token"}
-    pos = sd["vit.pos_embed"]  # (1, 1 + n*n, C)
-    n = int((pos.shape[1] - 1) ** 0.5)
-    if n != 16:
-        grid = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, scale_factor=(16.1 / n, 16.1 / n), mode="bicubic", antialias=False)
-        sd["vit.pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 256, -1).to(pos)], dim=1)
-    load_state_dict_strict(model, sd, source=file)
-    return model.eval().requires_grad_(False)
-
 
 #################################################################################
 #                          Stage 1: the tokenizer                               #
 #################################################################################
+
+
+class CodebookUsage(Metric):
+    """Codes used and perplexity exp(H) of the code histogram of all tokens seen (collapse shows as few codes)."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_size: int) -> None:
+        super().__init__()
+        self.add_state("counts", torch.zeros(codebook_size, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ids: Tensor) -> None:
+        self.counts += torch.bincount(ids.flatten(), minlength=self.counts.numel()).to(self.counts)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        p = self.counts / self.counts.sum().clamp(min=1)
+        entropy = -(p * p.clamp(min=1e-30).log()).sum()
+        return (self.counts > 0).sum(), entropy.exp()
 
 
 class DARTokenizerModule(GenerativeModule):
@@ -195,6 +101,7 @@ class DARTokenizerModule(GenerativeModule):
         self.recon_every_n_steps, self.num_recon = recon_every_n_steps, num_recon
         self.weight_paths = {"vgg": lpips_vgg_path, "lin": lpips_lin_path, "repa": repa_weights_path}
         self.loss_nets: dict[str, nn.Module] = {}  # frozen; kept out of the module tree (not in checkpoints)
+        self.recon_metrics: dict[str, nn.Module] = {}  # validation metrics (see on_validation_epoch_start)
         self.net = DARTokenizer(self.cfg)
         if repa_weight == 0:
             # the REPA projector stays in the state dict (official key layout) but gets no gradient without REPA:
@@ -254,20 +161,69 @@ class DARTokenizerModule(GenerativeModule):
         step = self.global_step
         if not self.recon_every_n_steps or step % self.recon_every_n_steps:
             return
-        rows = self.reconstruction_rows(batch["image"][: self.num_recon]).clamp(-1, 1) * 0.5 + 0.5
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    grid = make_grid(rows.float().cpu(), nrow=rows.shape[0] // 5)
-                    logger.experiment.add_image("reconstructions/input|recon|1/4|1/2|3/4", grid, step)
+        self.log_reconstructions(batch["image"][: self.num_recon], tag="reconstructions")  # (may be flipped)
+
+    def log_reconstructions(self, x: Tensor, tag: str) -> None:
+        """TensorBoard image `{tag}/input|recon|1/4|1/2|3/4` (columns: images; rows: input, reconstruction, previews)
+        and, on rank 0, `<log dir>/{tag}_step{N}.png`."""
+        rows = self.reconstruction_rows(x).clamp(-1, 1) * 0.5 + 0.5
+        if not self.trainer.is_global_zero:
+            return
+        grid = make_grid(rows.float().cpu(), nrow=rows.shape[0] // 5)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"{tag}/input|recon|1/4|1/2|3/4", grid, self.global_step)
+        if self.trainer.log_dir:
+            os.makedirs(self.trainer.log_dir, exist_ok=True)
+            save_image(grid, os.path.join(self.trainer.log_dir, f"{tag}_step{self.global_step}.png"))
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.recon_metrics:  # created lazily: kept out of the module tree (not in checkpoints)
+            self.recon_metrics.update(
+                psnr=PeakSignalNoiseRatio(data_range=2.0), ssim=StructuralSimilarityIndexMeasure(data_range=2.0),
+                codes=CodebookUsage(self.cfg.codebook_size),
+            )  # fmt: skip
+            lpips = self.validation_lpips()
+            if lpips is not None:
+                self.recon_metrics.update(lpips=MeanMetric(), lpips_net=lpips)
+        for m in self.recon_metrics.values():
+            m.to(self.device)
+            if isinstance(m, Metric):
+                m.reset()
+
+    def validation_lpips(self) -> nn.Module | None:
+        """The LPIPS network for validation, if its weights are available offline (else PSNR/SSIM only)."""
+        try:
+            return self.loss_net("lpips") or load_lpips(self.weight_paths["vgg"], self.weight_paths["lin"])
+        except FileNotFoundError as e:
+            if self.global_rank == 0:
+                print(f"[ardiff] val/lpips not logged: {e}", flush=True)
+            return None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        x = batch["image"]
+        """Reconstruction metrics (torchmetrics, synchronised over ranks): val/psnr, val/ssim, val/lpips (when the
+        LPIPS weights are available offline), val/codes_used and val/code_perplexity of the validation tokens."""
+        x = batch["image"].float()
         with self.sampling() as net:
-            rec = net.reconstruct(x, torch.Generator().manual_seed(batch_idx))
-        mse = F.mse_loss(rec.clamp(-1, 1).float(), x.float())
-        self.log("val/recon_mse", mse, batch_size=x.shape[0], sync_dist=True)
-        self.log("val/psnr", 10 * torch.log10(4.0 / mse), batch_size=x.shape[0], sync_dist=True)
+            ids = net.encode_tokens(x)
+            rec = net.decode_tokens(ids, torch.Generator().manual_seed(batch_idx)).clamp(-1, 1).float()
+        m = self.recon_metrics
+        m["psnr"].update(rec, x)
+        m["ssim"].update(rec, x)
+        m["codes"].update(ids)
+        if "lpips" in m:
+            m["lpips"].update(m["lpips_net"](rec, x))
+        if batch_idx == 0 and self.recon_every_n_steps:
+            self.log_reconstructions(x[: self.num_recon], tag="val_reconstructions")
+
+    def on_validation_epoch_end(self) -> None:
+        m = self.recon_metrics
+        used, perplexity = m["codes"].compute()
+        logs = {"val/psnr": m["psnr"].compute(), "val/ssim": m["ssim"].compute(), "val/codes_used": used,
+                "val/code_perplexity": perplexity}  # fmt: skip
+        if "lpips" in m:
+            logs["val/lpips"] = m["lpips"].compute()
+        self.log_dict({k: v.float() for k, v in logs.items()})  # already synchronised by torchmetrics
 
     @torch.no_grad()
     def sample_images(self, labels: Tensor, generator: torch.Generator | None = None, **overrides: Any) -> Tensor:
@@ -296,6 +252,8 @@ class DARGPTModule(GenerativeModule):
         decode_steps: tokenizer denoising steps (None = its default, 8).
         sample_bf16: sample the GPT under bf16 autocast; sample_bf16_weights: with a bf16-weight copy of it instead
             (the official sampler's bf16 GPT; faster where bf16 matmuls are native). The tokenizer decodes in fp32.
+        classes_from_data: take the class count from the DataModule's `num_classes` at setup (own-data recipes);
+            it is then stored in `gpt_overrides` of the checkpoint's hyperparameters.
     """
 
     def __init__(
@@ -320,6 +278,7 @@ class DARGPTModule(GenerativeModule):
         total_steps: int | None = 360_000,
         min_lr: float = 1e-5,
         ema_decay: float | None = None,
+        classes_from_data: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -337,6 +296,15 @@ class DARGPTModule(GenerativeModule):
         )
         self.decode_steps, self.sample_bf16, self.sample_bf16_weights = decode_steps, sample_bf16, sample_bf16_weights
         self._tokenizer: list[DARTokenizer] = []  # frozen; kept out of the module tree (not in checkpoints)
+        self.classes_from_data = classes_from_data and "num_classes" not in (gpt_overrides or {})
+        if not self.classes_from_data:
+            self.build()
+
+    def build(self, num_classes: int | None = None) -> None:
+        if num_classes is not None:
+            self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+            self.hparams["gpt_overrides"] = {**(self.hparams.get("gpt_overrides") or {}), "num_classes": num_classes}
+        self.num_classes = self.cfg.num_classes
         self.net = DARGPT(self.cfg)
         self.init_ema()
 
@@ -359,6 +327,11 @@ class DARGPTModule(GenerativeModule):
         return self._tokenizer[0].to(self.device)
 
     def setup(self, stage: str) -> None:
+        if self.classes_from_data and not hasattr(self, "net"):
+            n = getattr(self.trainer.datamodule, "num_classes", None)
+            if not n:
+                raise ValueError("classes_from_data=True needs a DataModule with num_classes")
+            self.build(int(n))
         super().setup(stage)
         if self.tokenizer_path is not None:
             self.tokenizer  # noqa: B018  (load now: fail early on a bad path)

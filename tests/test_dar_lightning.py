@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_modules.dar import DARGPTModule, DARTokenizerModule, load_dinov2, load_lpips, load_tokenizer_checkpoint
+from lightning_modules.dar import DARGPTModule, DARTokenizerModule, load_tokenizer_checkpoint
+from models.perceptual import load_dinov2, load_lpips
 
 torch.set_num_threads(1)
 
