@@ -34,7 +34,9 @@ def shortened(recipe: str, tmp: Path, demo_root: Path, max_steps: int, **trainer
         if cb["class_path"].endswith("FIDCallback"):
             args.update(reference=str(tmp / "ref.npz"), num_samples=20, chunk_size=10, missing_weights="error")
         if cb["class_path"].endswith("JudgeCallback"):  # a quick judge (cached with the shared demo data)
-            args.update(num_samples=20, chunk_size=10, sample_kwargs={"num_steps": 2},
+            kwargs = args.get("sample_kwargs") or {}  # shorten what the recipe sets (D-AR takes no num_steps)
+            kwargs.update({"num_steps": 2} if "num_steps" in kwargs else {})
+            args.update(num_samples=20, chunk_size=10, sample_kwargs=kwargs,
                         train_kwargs={"epochs": 1, "max_images": 300})  # fmt: skip
     path = tmp / Path(recipe).name
     path.write_text(yaml.safe_dump(cfg))
@@ -69,6 +71,7 @@ def test_dar_demo_both_stages(tmp_path, demo_root):
     assert main(["fit", "-c", str(gpt_cfg), "--model.init_args.tokenizer_path", str(tok_ckpt)]) == 0
     scalars = set(events(tmp_path / "gpt" / "logs").Tags()["scalars"])
     assert "train/loss" in scalars
+    assert {"val/class_acc", "val/fd_judge"} <= scalars, scalars
     assert (tmp_path / "gpt" / "ckpt" / "last.ckpt").exists()
 
 

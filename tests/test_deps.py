@@ -4,13 +4,14 @@ without an import)."""
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata as md
 import re
 import sys
 from pathlib import Path
 
 import tomllib
+
+from tests.test_layout import package_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ardiff", "models", "lightning_modules", "datamodules", "callbacks")  # what pyproject installs
@@ -32,16 +33,8 @@ def imported_modules(packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]
     """top-level module -> files importing it, for every absolute import (also inside functions) of the package."""
     found: dict[str, set[str]] = {}
     for pkg in packages:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                else:
-                    continue
-                for name in names:
-                    found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+        for name, files in package_imports(pkg, ROOT).items():
+            found.setdefault(name, set()).update(files)
     return found
 
 

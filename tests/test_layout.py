@@ -26,10 +26,10 @@ FORBIDDEN = {
 PENDING: set[tuple[str, str]] = set()
 
 
-def package_imports(top: str) -> dict[str, set[str]]:
+def package_imports(top: str, root: Path = ROOT) -> dict[str, set[str]]:
     """imported top-level module -> files of `top` importing it (absolute imports, also inside functions)."""
     found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / top).rglob("*.py")):
+    for path in sorted((root / top).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -38,7 +38,7 @@ def package_imports(top: str) -> dict[str, set[str]]:
             else:
                 continue
             for name in names:
-                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(root)))
     return found
 
 
