@@ -71,7 +71,7 @@ def worker() -> None:
     import lightning as L
     import torch.distributed as dist
 
-    from lightning_modules.strategies import FSDP2Strategy
+    from lightning_modules.strategies import FSDP2Strategy, shutdown_distributed
     from tests.dist_worker import RecordLoss, SliceData, seeded_slices
     from tests.toy import ToyGenerator, toy_dataset
 
@@ -147,6 +147,7 @@ def worker() -> None:
             {"losses": rec.losses, "state": state, "init": init, "first_grads": first_grads, "probe": probe}, a.out
         )
         print(json.dumps({k: sorted(set(map(str, v))) if isinstance(v, list) else v for k, v in probe.items()}))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
