@@ -279,15 +279,15 @@ class GenerativeModule(L.LightningModule):
     def check_finite_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (on every rank) to write weights, EMA or optimizer state holding NaN/inf: such a checkpoint
         would silently replace the last good one."""
-        bad = None
-        for key, t in (checkpoint.get("state_dict") or {}).items():
-            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
-                bad = f"weight {key!r}"
-                break
+
+        def non_finite(t: Any) -> bool:
+            return isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())
+
+        bad = next((f"weight {k!r}" for k, t in (checkpoint.get("state_dict") or {}).items() if non_finite(t)), None)
         for i, opt in enumerate(checkpoint.get("optimizer_states") or []):
             for pid, st in (opt.get("state", {}) if bad is None and isinstance(opt, dict) else {}).items():
                 for name, t in st.items():
-                    if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(_local(t)).all()):
+                    if non_finite(t):
                         bad = bad or f"optimizer {i} state {name!r} of parameter {pid}"
         any_bad = bad is not None
         if self._trainer is not None:
@@ -390,17 +390,11 @@ class GenerativeModule(L.LightningModule):
         loss, logs = self.compute_loss(batch)
         bad = torch.logical_not(torch.isfinite(loss.detach()))
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            msg = (
+            self._non_finite(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch "
-                f"{self.current_epoch}; weights, optimizer and EMA were not updated with it."
+                f"{self.current_epoch}; weights, optimizer and EMA were not updated with it.",
+                "Lower the lr, check the data, or set model.init_args.nan_policy=skip to drop such batches.",
             )
-            if self.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    msg + " Lower the lr, check the data, or set model.init_args.nan_policy=skip to drop such batches."
-                )
-            rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
-            self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
-            self._skip_step = True
             return None
         n = self.batch_size_of(batch)
         self._tput_images += n
@@ -408,6 +402,15 @@ class GenerativeModule(L.LightningModule):
         for key, value in logs.items():
             self.log(f"train/{key}", value.detach() if isinstance(value, Tensor) else value, batch_size=n)
         return loss
+
+    def _non_finite(self, msg: str, hint: str) -> None:
+        """nan_policy for a non-finite loss or gradient (decided on all ranks): "stop" raises, "skip" marks this
+        step so that neither the optimizer nor the EMA is updated."""
+        if self.nan_policy == "stop":
+            raise NonFiniteLossError(f"{msg} {hint}")
+        rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
+        self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
+        self._skip_step = True
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -421,21 +424,15 @@ class GenerativeModule(L.LightningModule):
             norm = norm.full_tensor()
         bad = norm is not None and not bool(torch.isfinite(norm))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            msg = (
+            self._non_finite(
                 f"non-finite gradients (norm {norm.item() if norm is not None else 'n/a'}) at global step "
                 f"{self.global_step}, epoch {self.current_epoch} (the loss was finite); weights, optimizer and EMA "
-                "were not updated with them."
+                "were not updated with them.",
+                "Lower the lr, clip gradients (trainer.gradient_clip_val), or set model.init_args.nan_policy=skip "
+                "to drop such batches.",
             )
-            if self.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    msg + " Lower the lr, clip gradients (trainer.gradient_clip_val), or set "
-                    "model.init_args.nan_policy=skip to drop such batches."
-                )
-            rank_zero_info(f"[ardiff] {msg} Skipping the batch (nan_policy=skip).")
-            self.log("train/skipped_batches", 1.0, on_step=True, reduce_fx="sum")
             for p in self.net.parameters():  # AdamW leaves parameters without a gradient untouched (no decay)
                 p.grad = None
-            self._skip_step = True
             return
         if not self._should_log():
             return
