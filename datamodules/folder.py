@@ -38,9 +38,6 @@ def read_num_classes(shards: str) -> int:
     return max(labels) + 1
 
 
-num_classes_of = read_num_classes  # the name the D-AR tests use
-
-
 class ShardFolderDataModule(WebDataModule):
     """`WebDataModule` over one write-shards output folder (see the module docstring).
 

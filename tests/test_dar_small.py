@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datamodules import WebDataModule
-from datamodules.folder import ShardFolderDataModule, num_classes_of
+from datamodules.folder import ShardFolderDataModule, read_num_classes
 from datamodules.shards import write_shards
 from lightning_modules.dar import CodebookUsage, DARGPTModule
 
@@ -49,7 +49,7 @@ def test_flip_option_and_validation_never_flipped(lr_shards: Path, flip: bool):
 
 def test_class_count_from_the_shards(lr_shards: Path, tmp_path: Path):
     assert json.loads((lr_shards / "class_index.json").read_text()) == {"class0": 0, "class1": 1, "class2": 2}
-    assert num_classes_of(str(lr_shards)) == 3
+    assert read_num_classes(str(lr_shards)) == 3
     dm = ShardFolderDataModule(str(lr_shards), image_size=16, batch_size=8, num_workers=0)
     assert dm.num_classes == 3 and dm.val_shards == str(lr_shards) and dm.flip is False
     assert ShardFolderDataModule(str(lr_shards), num_classes=7).num_classes == 7
