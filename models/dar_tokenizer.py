@@ -134,7 +134,7 @@ DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
         repa_grid=4,
         grad_checkpointing=False,
         cond_residual=True,
-        time_power=2.0,
+        time_power=3.0,
     ),
 }
 
