@@ -58,6 +58,12 @@ class DARTokenizerConfig:
     repa_grid: int = 16  # the tap is average-pooled to repa_grid x repa_grid (DINOv2 at 224 px: 16 x 16)
     rope_theta: float = 10000.0
     grad_checkpointing: bool = True
+    # Opt-in training aids for tiny models (the defaults are the official design). With the official decoder the
+    # condition reaches the image tokens only through the (zero-initialised) AdaLN modulation, a product of two
+    # paths that both start at zero; a tiny tokenizer trained for minutes never starts using it and its encoder
+    # collapses to image-independent tokens (flow loss equal with shuffled conditions).
+    cond_residual: bool = False  # also add the cross-attention output to each decoder block's residual stream
+    time_power: float = 1.0  # training times u = U(0, 1) ** time_power: > 1 trains the early (noisy) steps more
 
     @property
     def group_size(self) -> int:
@@ -106,7 +112,7 @@ class DARTokenizerConfig:
 DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
     # configs/tokenizer_v1.yaml: 307.44M parameters (185.1M decoder without the REPA projector)
     "v1": DARTokenizerConfig(),
-    # CPU demo: 32x32 images, 32 tokens in 8 groups of 4, codebook 256
+    # CPU demo: 32x32 images, 32 tokens in 8 groups of 4, codebook 256; opt-in training aids on (see above)
     "tiny": DARTokenizerConfig(
         image_size=32,
         encoder_patch_size=4,
@@ -127,6 +133,8 @@ DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
         repa_dim=64,
         repa_grid=4,
         grad_checkpointing=False,
+        cond_residual=True,
+        time_power=3.0,
     ),
 }
 
@@ -253,8 +261,9 @@ class SiTBlock(nn.Module):
     """Decoder block: the cross-attention of LN(x) to the step's condition tokens is not added to x; it drives a
     per-token AdaLN (shift/scale/gate for attention and MLP) together with the timestep embedding."""
 
-    def __init__(self, dim: int, head_dim: int, mlp_ratio: int) -> None:
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: int, cond_residual: bool = False) -> None:
         super().__init__()
+        self.cond_residual = cond_residual
         self.attention = Attention(dim, head_dim)
         self.cross_attn = Attention(dim, head_dim)
         self.mlp = Mlp(dim, dim * mlp_ratio)
@@ -266,6 +275,8 @@ class SiTBlock(nn.Module):
         # x (B, L, D) image tokens, cond (B, G, D) condition tokens of this step, t (B,)
         c = layer_norm(self.cond_embed(cond))
         sc = self.cross_attn(layer_norm(x), context=c, q_rope=rope)  # (B, L, D)
+        if self.cond_residual:  # opt-in (not official): a direct, additive path for the condition
+            x = x + sc
         mod = self.adaLN_modulation(self.time_embed(t)[:, None] + sc)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         x = x + gate_a * self.attention(layer_norm(x) * (1 + scale_a) + shift_a, q_rope=rope, k_rope=rope)
@@ -282,7 +293,9 @@ class DiffusionCore(nn.Module):
         self.cond_mlp = nn.Linear(d, d)
         self.conv_in = nn.Conv2d(3 * p * p, d, 1)
         self.conv_out = nn.Conv2d(d, 3 * p * p, 1)
-        self.blocks = nn.ModuleList([SiTBlock(d, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.dec_depth)])
+        self.blocks = nn.ModuleList(
+            [SiTBlock(d, cfg.head_dim, cfg.mlp_ratio, cfg.cond_residual) for _ in range(cfg.dec_depth)]
+        )
         self.repa_out = nn.Sequential(
             nn.Linear(d, cfg.repa_hidden),
             nn.SiLU(),
@@ -488,6 +501,8 @@ class DARTokenizer(nn.Module):
         """
         cfg, gs = self.cfg, self.cfg.group_size
         u = torch.rand(x.shape[0], device=x.device)
+        if cfg.time_power != 1.0:
+            u = u**cfg.time_power
         group = self.group_of(u)  # (B,)
         z_q, ids, vq_losses = self.quantize(self.encode_continuous(x), loss_upto=(group + 1) * gs - 1)
         cond = self.condition(z_q)  # (B, N, D)

@@ -359,3 +359,51 @@ def test_pickle_of_official_config_roundtrip_sanity():
         assert b"config_util" in pickle.dumps(_OfficialConfig({}))
     finally:
         del sys.modules["config_util"]
+
+
+def test_cond_residual_adds_cross_attention_to_the_stream_and_is_off_by_default():
+    """Opt-in `cond_residual`: with the AdaLN output zeroed (gates 0) the official block is the identity and the
+    opt-in block adds exactly the cross-attention readout, computed here by hand (softmax attention of LN(x) with
+    2D RoPE on the queries over LN(cond_embed(cond)))."""
+    import math
+
+    from models.dar_tokenizer import SiTBlock, rope_angles_2d
+
+    assert DAR_TOKENIZER_CONFIGS["v1"].cond_residual is False and DAR_TOKENIZER_CONFIGS["v1"].time_power == 1.0
+    torch.manual_seed(0)
+    dim, hd, side = 32, 16, 4
+    x, cond, t = torch.randn(2, side * side, dim), torch.randn(2, 3, dim), torch.rand(2)
+    rope = rope_angles_2d(side, side, hd, 10000.0)
+    official, opt_in = SiTBlock(dim, hd, 2), SiTBlock(dim, hd, 2, cond_residual=True)
+    opt_in.load_state_dict(official.state_dict())  # same keys: checkpoints are interchangeable
+    for block in (official, opt_in):
+        torch.nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        torch.nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    ln = lambda v: (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    ca = official.cross_attn
+    c = ln(official.cond_embed(cond))
+    heads = lambda v: v.view(2, -1, dim // hd, hd).transpose(1, 2)
+    q, k, v = heads(ca.q(ln(x))), heads(ca.k(c)), heads(ca.v(c))
+    q, k = ca.q_norm(q), ca.k_norm(k)
+    cos, sin = rope.cos(), rope.sin()  # rotate channel pairs (2i, 2i+1) of the queries only
+    q = torch.stack([q[..., 0::2] * cos - q[..., 1::2] * sin, q[..., 0::2] * sin + q[..., 1::2] * cos], -1).flatten(-2)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
+    sc = ca.proj(attn.transpose(1, 2).reshape(2, -1, dim))
+    with torch.no_grad():
+        torch.testing.assert_close(official(x, cond, t, rope), x)
+        torch.testing.assert_close(opt_in(x, cond, t, rope), x + sc, atol=1e-5, rtol=1e-4)
+
+
+def test_time_power_skews_training_times_to_the_noise_end():
+    """u = U ** p: E[u] = 1 / (p + 1); the decoder receives t = u / (u + beta (1 - u)), inverted here by hand."""
+    import dataclasses
+
+    cfg = dataclasses.replace(DAR_TOKENIZER_CONFIGS["tiny"], image_size=8, encoder_patch_size=4, dec_patch_size=4)
+    beta = cfg.time_shift
+    for power, expected in ((1.0, 0.5), (3.0, 0.25)):
+        torch.manual_seed(0)
+        tok = DARTokenizer(dataclasses.replace(cfg, time_power=power, repa_grid=1))
+        with torch.no_grad():
+            t = torch.cat([tok(torch.rand(512, 3, 8, 8) * 2 - 1)["t"] for _ in range(4)])
+        u = beta * t / (1 + (beta - 1) * t)
+        assert abs(u.mean().item() - expected) < 0.02, (power, u.mean().item())
