@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.side_by_side import _fp32_timestep_embedder, cuda_as_noop, import_official, load_ours_into, perturb_
+from benchmarks.side_by_side import (
+    _fp32_timestep_embedder,
+    cuda_as_noop,
+    import_official,
+    load_ours_into,
+    perturb_,
+    small_official_tokenizer_config,
+)
 from models.dar_gpt import DARGPT, GPTConfig
 from models.dar_tokenizer import DARTokenizer, DARTokenizerConfig
 from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
@@ -57,14 +64,7 @@ TRANSDIFF_SMALL = dict(num_classes=10, encoder_embed_dim=32, encoder_depth=2, en
                        proj_dropout=0.0, diffusion_batch_mul=2)  # fmt: skip
 GPT_SMALL = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10)
 GPT_DROP = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-DAR_TOKENIZER_OFFICIAL = {
-    "encoder_patch_size": 16, "encoder_dim": 64, "decoder_dim": 64, "num_encoder_layers": 1,
-    "num_decoder_layers": 1, "query_low_rank": True, "vq_dim": 8, "vq_codebook_size": 128,
-    "num_denoising_steps": 8, "num_query_groups": 8, "num_all_queries": 32, "queries_per_step": 4,
-    "vq_enable": True, "sampling_resolution": 64,
-    "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 64, "cond_dim": 64, "patch_size": 8, "depth": 2,
-                     "data_std": 0.6, "time_shift": 2, "mlp_head": False, "share_time_encoding": False},
-}  # fmt: skip
+DAR_TOKENIZER_OFFICIAL = small_official_tokenizer_config(dim=64, codebook_size=128)
 # the official tokenizer hard-codes a 2048/2048/768 REPA projector (7M parameters, unused in eval): not stored
 # and neither is the codebook-usage tracker buffer (zeros): the tests take both from a fresh model
 SKIP_PREFIX = ("diff_decoder.net.repa_out.", "quantize.codebook_used")

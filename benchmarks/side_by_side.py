@@ -43,6 +43,19 @@ from models.dar_gpt import DARGPT, GPTConfig, KVCache
 from models.dar_tokenizer import DARTokenizer, DARTokenizerConfig
 from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
 
+
+def small_official_tokenizer_config(dim: int, codebook_size: int) -> dict[str, Any]:
+    """A small D-AR tokenizer config in the official yaml layout (`VQModel(**cfg)`): 64 px, 32 queries in 8 groups."""
+    return {
+        "encoder_patch_size": 16, "encoder_dim": dim, "decoder_dim": dim, "num_encoder_layers": 1,
+        "num_decoder_layers": 1, "query_low_rank": True, "vq_dim": 8, "vq_codebook_size": codebook_size,
+        "num_denoising_steps": 8, "num_query_groups": 8, "num_all_queries": 32, "queries_per_step": 4,
+        "vq_enable": True, "sampling_resolution": 64,
+        "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": dim, "cond_dim": dim, "patch_size": 8, "depth": 2,
+                         "data_std": 0.6, "time_shift": 2, "mlp_head": False, "share_time_encoding": False},
+    }  # fmt: skip
+
+
 COLUMNS = ["model", "output", "shape", "ours_ms", "theirs_ms", "ours_over_theirs", "max_abs_diff", "max_abs_ref"]
 
 
@@ -237,14 +250,7 @@ def dar_rows(root: str, batch: int, iters: int) -> list[dict]:
     rows.append(compare("D-AR GPT", "logits, KV cache step by step", ours_cached, theirs_cached, iters))
 
     # ---- tokenizer: our config made from the official yaml dict, as `load_dar_tokenizer` does
-    official_cfg = {
-        "encoder_patch_size": 16, "encoder_dim": 128, "decoder_dim": 128, "num_encoder_layers": 1,
-        "num_decoder_layers": 1, "query_low_rank": True, "vq_dim": 8, "vq_codebook_size": 256,
-        "num_denoising_steps": 8, "num_query_groups": 8, "num_all_queries": 32, "queries_per_step": 4,
-        "vq_enable": True, "sampling_resolution": 64,
-        "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128, "patch_size": 8, "depth": 2,
-                         "data_std": 0.6, "time_shift": 2, "mlp_head": False, "share_time_encoding": False},
-    }  # fmt: skip
+    official_cfg = small_official_tokenizer_config(dim=128, codebook_size=256)
     cfg = DARTokenizerConfig.from_official(official_cfg)
     torch.manual_seed(0)
     ours_tok = perturb_(DARTokenizer(cfg)).eval()
