@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import LoadReport, extract_state_dict, load_state_dict_strict, safe_torch_load
+from models.layers import GridDWConv
 
 
 @dataclass
@@ -46,6 +47,10 @@ class TransDiffConfig:
     decoder_depth: int = 16
     decoder_num_heads: int = 16
     decoder_patch_size: int = 1  # latent patch per decoder token (official: 1, i.e. one token per latent pixel)
+    # Opt-in (official: False): a depthwise 3x3 conv over the decoder's token grid inside each decoder MLP (ConvFFN).
+    # Without it a tiny pixel-space decoder stays token-local for thousands of steps (each token denoised from
+    # itself: samples are independent 4x4 blocks); the conv lets neighbouring tokens agree from the first step.
+    decoder_conv_mlp: bool = False
     mlp_ratio: float = 4.0
     seq_len: int = 256  # encoder tokens after the buffer (official: fixed 256, also at 512 px)
     buffer_size: int = 64  # class-embedding slots prepended to the encoder sequence
@@ -112,6 +117,7 @@ TRANSDIFF_CONFIGS: dict[str, TransDiffConfig] = {
         decoder_depth=4,
         decoder_num_heads=4,
         decoder_patch_size=4,
+        decoder_conv_mlp=True,
         seq_len=16,
         buffer_size=4,
         patch_size=1,
@@ -158,11 +164,31 @@ class AttentionBlock(Block):
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
 
 
+class ConvMlp(Mlp):
+    """timm's `Mlp` (keys fc1/fc2) with a residual depthwise 3x3 conv over the token grid after fc1 (ConvFFN):
+    fc2(GELU(h + dwconv(h))), h = fc1(x). Key added: dwconv.{weight,bias}."""
+
+    def __init__(self, dim: int, hidden: int, drop: float):
+        super().__init__(dim, hidden, act_layer=nn.GELU, drop=drop)
+        self.dwconv = GridDWConv(hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dwconv(self.fc1(x))  # (B, N, H)
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(h)))))
+
+
 class CrossAttentionBlock(nn.Module):
     """Decoder block: adaLN-single modulated self-attention, plain cross-attention to c, modulated MLP."""
 
     def __init__(
-        self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float
+        self,
+        dim: int,
+        context_dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        attn_drop: float,
+        proj_drop: float,
+        conv_mlp: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -170,7 +196,8 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.attn2 = CrossAttention(dim, context_dim, num_heads, attn_drop, proj_drop)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = ConvMlp(dim, hidden, proj_drop) if conv_mlp else Mlp(dim, hidden, act_layer=nn.GELU, drop=proj_drop)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, c: Tensor, t6: Tensor) -> Tensor:
@@ -231,7 +258,9 @@ class DiffusionDecoder(nn.Module):
         self.time_embed = TimestepEmbedder(dim)
         self.cond_embed = nn.Linear(cfg.encoder_embed_dim, dim)
         self.res_blocks = nn.ModuleList(
-            CrossAttentionBlock(dim, dim, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+            CrossAttentionBlock(
+                dim, dim, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout, cfg.decoder_conv_mlp
+            )
             for _ in range(cfg.decoder_depth)
         )
         self.final_layer = FinalLayer(dim, token_dim)

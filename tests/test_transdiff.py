@@ -142,7 +142,7 @@ def test_checkpoint_file_ema_choice_and_clear_errors(tmp_path):
     online, ema = random_sd(layout, seed=0), random_sd(layout, seed=1)
     path = tmp_path / "checkpoint-last.pth"
     torch.save({"model": online, "model_ema": ema, "epoch": 3}, path)
-    model = build_transdiff("tiny")
+    model = build_transdiff("tiny", decoder_conv_mlp=False)  # the official layout has no ConvFFN
     load_transdiff_weights(model, str(path), ema=True)
     assert torch.equal(model.fake_latent, ema["fake_latent"])
     load_transdiff_weights(model, str(path), ema=False)

@@ -142,3 +142,45 @@ def test_flip_off_and_validation_never_flipped(tmp_path):
         train = left_brighter(dm.train_dataloader())
         assert all(left_brighter(dm.val_dataloader()))  # validation: never mirrored
         assert all(train) is (not flip)  # flip=True mirrors some of 16 training images, flip=False none
+
+
+# ------------------------------------------------------------------ opt-in ConvFFN of the tiny decoder
+def test_conv_mlp_matches_a_hand_written_neighbour_sum():
+    """ConvMlp = fc2(GELU(h + dwconv(h))), h = fc1(x), the conv a 3x3 neighbour sum on the token grid (zero pad)."""
+    from models.transdiff import ConvMlp
+
+    torch.manual_seed(0)
+    mlp = ConvMlp(dim=4, hidden=8, drop=0.0)
+    x = torch.randn(2, 9, 4)  # 3 x 3 token grid
+    h = x @ mlp.fc1.weight.T + mlp.fc1.bias  # (2, 9, 8)
+    k, b = mlp.dwconv.weight[:, 0], mlp.dwconv.bias  # (8, 3, 3), (8,)
+    conv = torch.zeros_like(h)
+    for n in range(9):
+        r, c = divmod(n, 3)
+        conv[:, n] = b
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if 0 <= r + dr < 3 and 0 <= c + dc < 3:
+                    conv[:, n] += k[:, dr + 1, dc + 1] * h[:, (r + dr) * 3 + (c + dc)]
+    g = h + conv
+    want = torch.nn.functional.gelu(g) @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_decoder_mlp_mixes_exactly_the_3x3_neighbourhood(conv):
+    """The official MLP is token-local; with decoder_conv_mlp, a token's MLP output depends on its 3x3 neighbours
+    and on no other token. The official layout keeps its keys (no dwconv) when the option is off."""
+    from dataclasses import replace
+
+    from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
+
+    cfg = replace(TRANSDIFF_CONFIGS["tiny"], decoder_conv_mlp=conv)
+    net = TransDiff(cfg)
+    assert any("dwconv" in k for k in net.state_dict()) == conv
+    mlp = net.diffdecoder.net.res_blocks[0].mlp
+    x = torch.randn(1, 64, 128, requires_grad=True)  # 8 x 8 decoder tokens
+    (grad,) = torch.autograd.grad(mlp(x)[0, 27].sum(), x)  # token 27 = (row 3, col 3)
+    touched = {n for n in range(64) if grad[0, n].abs().sum() > 0}
+    want = {(3 + dr) * 8 + 3 + dc for dr in (-1, 0, 1) for dc in (-1, 0, 1)} if conv else {27}
+    assert touched == want
