@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, safe_torch_load
+from models.layers import GridDWConv
 from models.presets import resolve_config
 
 
@@ -64,6 +65,7 @@ class DARTokenizerConfig:
     # collapses to image-independent tokens (flow loss equal with shuffled conditions).
     cond_residual: bool = False  # also add the cross-attention output to each decoder block's residual stream
     time_power: float = 1.0  # training times u = U(0, 1) ** time_power: > 1 trains the early (noisy) steps more
+    dec_conv_mlp: bool = False  # depthwise 3x3 conv over the image tokens in each decoder MLP (neighbours agree)
 
     @property
     def group_size(self) -> int:
@@ -135,6 +137,7 @@ DAR_TOKENIZER_CONFIGS: dict[str, DARTokenizerConfig] = {
         grad_checkpointing=False,
         cond_residual=True,
         time_power=3.0,
+        dec_conv_mlp=True,
     ),
 }
 
@@ -182,13 +185,20 @@ def layer_norm(x: Tensor) -> Tensor:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    """fc2(SiLU(fc1(x))); with grid_conv (opt-in, image tokens only) a residual depthwise 3x3 conv over the token
+    grid after fc1 (`models.layers.GridDWConv`, key dwconv.*)."""
+
+    def __init__(self, dim: int, hidden: int, grid_conv: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.dwconv = GridDWConv(hidden) if grid_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
+        h = self.fc1(x)
+        if self.dwconv is not None:
+            h = self.dwconv(h)
+        return self.fc2(F.silu(h))
 
 
 class Attention(nn.Module):
@@ -261,12 +271,14 @@ class SiTBlock(nn.Module):
     """Decoder block: the cross-attention of LN(x) to the step's condition tokens is not added to x; it drives a
     per-token AdaLN (shift/scale/gate for attention and MLP) together with the timestep embedding."""
 
-    def __init__(self, dim: int, head_dim: int, mlp_ratio: int, cond_residual: bool = False) -> None:
+    def __init__(
+        self, dim: int, head_dim: int, mlp_ratio: int, cond_residual: bool = False, conv_mlp: bool = False
+    ) -> None:
         super().__init__()
         self.cond_residual = cond_residual
         self.attention = Attention(dim, head_dim)
         self.cross_attn = Attention(dim, head_dim)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.mlp = Mlp(dim, dim * mlp_ratio, grid_conv=conv_mlp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.time_embed = TimestepEmbedder(dim)
         self.cond_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -294,7 +306,10 @@ class DiffusionCore(nn.Module):
         self.conv_in = nn.Conv2d(3 * p * p, d, 1)
         self.conv_out = nn.Conv2d(d, 3 * p * p, 1)
         self.blocks = nn.ModuleList(
-            [SiTBlock(d, cfg.head_dim, cfg.mlp_ratio, cfg.cond_residual) for _ in range(cfg.dec_depth)]
+            [
+                SiTBlock(d, cfg.head_dim, cfg.mlp_ratio, cfg.cond_residual, cfg.dec_conv_mlp)
+                for _ in range(cfg.dec_depth)
+            ]
         )
         self.repa_out = nn.Sequential(
             nn.Linear(d, cfg.repa_hidden),

@@ -407,3 +407,23 @@ def test_time_power_skews_training_times_to_the_noise_end():
             t = torch.cat([tok(torch.rand(512, 3, 8, 8) * 2 - 1)["t"] for _ in range(4)])
         u = beta * t / (1 + (beta - 1) * t)
         assert abs(u.mean().item() - expected) < 0.02, (power, u.mean().item())
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dec_conv_mlp_mixes_the_3x3_neighbourhood_and_is_off_by_default(conv):
+    """Opt-in `dec_conv_mlp`: a decoder MLP is token-local (official) or mixes exactly the 3x3 neighbourhood of
+    the image-token grid (residual depthwise conv after fc1, hand-computed conv in tests/test_transdiff_small.py);
+    with it off the keys are the official ones."""
+    import dataclasses
+
+    from models.dar_tokenizer import DiffusionCore
+
+    assert DAR_TOKENIZER_CONFIGS["v1"].dec_conv_mlp is False
+    cfg = dataclasses.replace(DAR_TOKENIZER_CONFIGS["tiny"], dec_conv_mlp=conv)
+    core = DiffusionCore(cfg)
+    assert any("dwconv" in k for k in core.state_dict()) == conv
+    mlp = core.blocks[0].mlp
+    x = torch.randn(1, 64, cfg.width, requires_grad=True)  # 8 x 8 image tokens
+    (grad,) = torch.autograd.grad(mlp(x)[0, 27].sum(), x)  # token 27 = (row 3, col 3)
+    touched = {n for n in range(64) if grad[0, n].abs().sum() > 0}
+    assert touched == ({(3 + dr) * 8 + 3 + dc for dr in (-1, 0, 1) for dc in (-1, 0, 1)} if conv else {27})
