@@ -23,6 +23,7 @@ import importlib
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import lightning as L
@@ -144,6 +145,13 @@ class ArdiffCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--vars", type=dict[str, Any], default={}, help="free values for ${vars.NAME}")
+        parser.add_argument(
+            "--restart",
+            type=bool,
+            default=False,
+            help="fit from scratch although the checkpoint folder holds an earlier run's last*.ckpt (moved aside "
+            "into <folder>/previous-<time>/; nothing is deleted)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the resume checkpoint's hyperparameters while parsing: check the file first, so a
@@ -158,8 +166,11 @@ class ArdiffCLI(LightningCLI):
         if not isinstance(trainer.strategy.checkpoint_io, ChecksumCheckpointIO):
             trainer.strategy.checkpoint_io = ChecksumCheckpointIO(trainer.strategy.checkpoint_io)
         dirs = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
-        if self.config[self.config.subcommand].get("ckpt_path") == "last":
+        args = self.config[self.config.subcommand]
+        if args.get("ckpt_path") == "last":
             check_last_checkpoint(dirs)
+        elif args.get("ckpt_path") is None and self.config.subcommand == "fit":
+            check_fresh_start(dirs, restart=bool(args.get("restart")), rank=trainer.global_rank)
         if trainer.global_rank == 0:
             for d in dirs:
                 acquire_dir_lock(d)
@@ -199,6 +210,30 @@ def check_last_checkpoint(dirs: list[str]) -> None:
             else "no intact checkpoint is beside it"
         )
         raise CheckpointError(f"--ckpt_path last: {last!r} cannot be used ({e}); {hint}") from e
+
+
+def check_fresh_start(dirs: list[str], restart: bool, rank: int = 0) -> None:
+    """A fit from scratch into a checkpoint folder that holds an earlier run's `last*.ckpt` is refused: Lightning
+    would write `last-v1.ckpt` beside it, and whatever reads `last.ckpt` (a D-AR GPT recipe reads its tokenizer so)
+    would silently get the old run. `restart` moves the earlier checkpoints aside instead (rank 0 moves them)."""
+    for folder in dirs:
+        found = sorted(glob.glob(os.path.join(folder, "*.ckpt")))
+        if not any(os.path.basename(p).startswith("last") for p in found):
+            continue
+        if not restart:
+            raise RuntimeError(
+                f"checkpoint folder {folder!r} holds an earlier run's checkpoints ({', '.join(found)}). Resume it "
+                "with --ckpt_path last, start over with --restart true (moves them into a previous-<time> "
+                "subfolder), or give this run another checkpoint dirpath."
+            )
+        if rank == 0:
+            aside = os.path.join(folder, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(aside, exist_ok=True)
+            for p in found:
+                for f in (p, p + ".sha256"):  # with its checksum file (ChecksumCheckpointIO)
+                    if os.path.exists(f):
+                        os.replace(f, os.path.join(aside, os.path.basename(f)))
+            rank_zero_info(f"[ardiff] --restart: moved {len(found)} earlier checkpoint(s) of {folder!r} to {aside!r}")
 
 
 def _pid_alive(pid: int) -> bool:

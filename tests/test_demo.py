@@ -67,6 +67,16 @@ def test_dar_demo_both_stages(tmp_path, demo_root):
     assert main(["fit", "-c", str(tok_cfg)]) == 0
     tok_ckpt = tmp_path / "tok" / "ckpt" / "last.ckpt"
     assert tok_ckpt.exists()
+    # fitting from scratch again into the same folder is refused (Lightning would write last-v1.ckpt beside it and
+    # the GPT recipe, which reads last.ckpt, would silently get the old tokenizer); --restart moves the old one aside
+    with pytest.raises(RuntimeError, match="earlier run's checkpoints"):
+        main(["fit", "-c", str(tok_cfg)])
+    first = tok_ckpt.stat().st_ino
+    assert main(["fit", "-c", str(tok_cfg), "--restart", "true"]) == 0
+    assert sorted(p.name for p in tok_ckpt.parent.glob("*.ckpt")) == ["last.ckpt"]
+    (aside,) = tok_ckpt.parent.glob("previous-*/last.ckpt")
+    assert aside.stat().st_ino == first and tok_ckpt.stat().st_ino != first  # moved, and a new file written
+    assert aside.with_name("last.ckpt.sha256").exists()  # its checksum went with it
     gpt_cfg = shortened("dar/demo_gpt.yaml", tmp_path / "gpt", demo_root, max_steps=3, limit_val_batches=1)
     assert main(["fit", "-c", str(gpt_cfg), "--model.init_args.tokenizer_path", str(tok_ckpt)]) == 0
     scalars = set(events(tmp_path / "gpt" / "logs").Tags()["scalars"])
