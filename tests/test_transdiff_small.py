@@ -74,6 +74,28 @@ def test_demo_encoder_lr_keeps_class_information_in_c():
     assert collapsed < 0.2, collapsed
 
 
+def test_encoder_lr_scale_zero_freezes_the_encoder_exactly():
+    """The own-data recipe freezes the encoder (encoder_lr_scale 0): after optimiser steps every encoder tensor is
+    bit-identical (no update, no weight decay) while the decoder trains."""
+    assert _recipe("small.yaml")["encoder_lr_scale"] == 0.0
+    torch.manual_seed(0)
+    module = TransDiffModule(arch="tiny", vae="identity", lr=1e-3, encoder_lr_scale=0.0, warmup_steps=0,
+                             total_steps=10)  # fmt: skip
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    for _ in range(3):
+        loss = module.net(torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = module.net.state_dict()
+    for k, v in before.items():
+        if k.startswith("diffdecoder."):
+            continue
+        assert torch.equal(after[k], v), k
+    assert not torch.equal(after["diffdecoder.net.input_proj.weight"], before["diffdecoder.net.input_proj.weight"])
+
+
 def test_encoder_lr_scale_groups():
     module = TransDiffModule(arch="tiny", vae="identity", lr=1e-3, encoder_lr_scale=0.1, total_steps=10)
     opt = module.configure_optimizers()["optimizer"]
