@@ -66,6 +66,7 @@ class DARTokenizerConfig:
     cond_residual: bool = False  # also add the cross-attention output to each decoder block's residual stream
     time_power: float = 1.0  # training times u = U(0, 1) ** time_power: > 1 trains the early (noisy) steps more
     dec_conv_mlp: bool = False  # depthwise 3x3 conv over the image tokens in each decoder MLP (neighbours agree)
+    train_time_shift: float | None = None  # training-only time shift (None: time_shift); sampling keeps time_shift
 
     @property
     def group_size(self) -> int:
@@ -350,14 +351,15 @@ class FlowDecoder(nn.Module):
         self.cfg = cfg
         self.net = DiffusionCore(cfg)
 
-    def shift(self, u: Tensor) -> Tensor:
-        """Time shift t = u / (u + beta (1 - u)): more steps near the noise end."""
-        return u / (u + self.cfg.time_shift * (1 - u))
+    def shift(self, u: Tensor, beta: float | None = None) -> Tensor:
+        """Time shift t = u / (u + beta (1 - u)) (beta: cfg.time_shift): more steps near the noise end."""
+        beta = self.cfg.time_shift if beta is None else beta
+        return u / (u + beta * (1 - u))
 
     def forward(self, image: Tensor, cond: Tensor, u: Tensor) -> dict[str, Tensor]:
         """Flow-matching loss at raw times u (B,) with condition tokens cond (B, G, D)."""
         std = self.cfg.data_std
-        t = self.shift(u)
+        t = self.shift(u, self.cfg.train_time_shift)
         te = t[:, None, None, None]
         x1 = image * std
         x0 = torch.randn_like(x1)

@@ -409,6 +409,27 @@ def test_time_power_skews_training_times_to_the_noise_end():
         assert abs(u.mean().item() - expected) < 0.02, (power, u.mean().item())
 
 
+def test_train_time_shift_changes_training_times_only():
+    """Opt-in `train_time_shift` (the demo: 8, official time_shift 2 kept for sampling): training times follow
+    t = u / (u + 8 (1 - u)) (inverted by hand: E[u] = 1/2 for uniform u), the sampling schedule stays at shift 2."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        DAR_TOKENIZER_CONFIGS["tiny"], image_size=8, encoder_patch_size=4, dec_patch_size=4, repa_grid=1,
+        time_power=1.0, train_time_shift=8.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tok = DARTokenizer(cfg)
+    with torch.no_grad():
+        t = torch.cat([tok(torch.rand(512, 3, 8, 8) * 2 - 1)["t"] for _ in range(4)])
+    u = 8.0 * t / (1 + 7.0 * t)
+    assert abs(u.mean().item() - 0.5) < 0.02, u.mean().item()
+    u2 = 2.0 * t / (1 + t)  # had training used the sampling shift 2, this would be uniform; it is skewed low
+    assert u2.mean().item() < 0.35
+    times, _ = tok.schedule(8)
+    assert times == pytest.approx([0, 0.0667, 0.1429, 0.2308, 0.3333, 0.4545, 0.6, 0.7778, 1.0], abs=1e-4)
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_dec_conv_mlp_mixes_the_3x3_neighbourhood_and_is_off_by_default(conv):
     """Opt-in `dec_conv_mlp`: a decoder MLP is token-local (official) or mixes exactly the 3x3 neighbourhood of
