@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -168,8 +169,22 @@ def load_judge(path: str, arch: str | None = None, num_classes: int | None = Non
     return Judge(model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"], meta)
 
 
-def default_judge_path(train_shards: str, arch: str = SMALL_ARCH, image_size: int = 32) -> str:
-    return os.path.join(shard_dir(train_shards), f"judge_{arch}_{image_size}.pt")
+def default_judge_path(
+    train_shards: str, arch: str = SMALL_ARCH, image_size: int = 32, settings: dict | None = None
+) -> str:
+    """`<train shard dir>/judge_<arch>_<image_size>.pt`; training `settings` (train_judge kwargs) that differ from
+    train_judge's defaults add `-<hash>` to the name, so that a judge trained otherwise (fewer epochs, another seed)
+    is never taken for the default one by a recipe that asks for the defaults."""
+    defaults = {k: p.default for k, p in inspect.signature(train_judge).parameters.items()}
+    changed = {
+        k: v for k, v in sorted((settings or {}).items())
+        if k not in _PATH_KEYS and v != defaults.get(k, inspect.Parameter.empty)
+    }  # fmt: skip
+    tag = "-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
+    return os.path.join(shard_dir(train_shards), f"judge_{arch}_{image_size}{tag}.pt")
+
+
+_PATH_KEYS = ("arch", "image_size", "threads", "log")  # in the name already, or no effect on the recipe
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -422,7 +437,7 @@ class JudgeCallback(L.Callback):
                     "JudgeCallback(judge='auto') needs a DataModule with `train_shards`; give a judge path"
                 )
             size = self.train_kwargs.get("image_size", self._image_size(trainer) or 32)
-            path = default_judge_path(train, self.arch, size)
+            path = default_judge_path(train, self.arch, size, self.train_kwargs)
         if self.judge_spec == "auto" or self.train_if_missing:  # the same branch on every rank (one barrier each)
             if trainer.is_global_zero and not os.path.isfile(path):
                 if not train:
@@ -529,7 +544,8 @@ def main_train(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="ardiff judge train",
         description="Train a timm classifier judge (for val/class_acc and val/fd_judge) on labelled shards. "
-        "Deterministic; written to <train shard dir>/judge_<arch>_<size>.pt (+ .json with its held-out accuracy).",
+        "Deterministic; written to <train shard dir>/judge_<arch>_<size>.pt (+ .json with its held-out accuracy); "
+        "settings other than the defaults add -<hash> to the name.",
     )
     p.add_argument("train", help="train shards (folder, .tar or brace pattern) or npz with arr_0 + labels")
     p.add_argument("--val", help="held-out shards (default: a sibling `val` folder if present, else 10%% of train)")
@@ -547,7 +563,10 @@ def main_train(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (1: fastest on a shared CPU)")
     p.add_argument("--force", action="store_true", help="retrain even if the judge file exists")
     a = p.parse_args(argv)
-    out = a.out or default_judge_path(a.train, a.arch, a.image_size)
+    kwargs = dict(arch=a.arch, model_kwargs=a.model_kwargs, image_size=a.image_size, epochs=a.epochs,
+                  batch_size=a.batch_size, lr=a.lr, flip=a.flip, seed=a.seed, max_images=a.max_images,
+                  threads=a.threads)  # fmt: skip
+    out = a.out or default_judge_path(a.train, a.arch, a.image_size, kwargs)
     val = a.val
     if val is None and not a.train.endswith(".npz"):
         sibling = os.path.join(os.path.dirname(os.path.abspath(shard_dir(a.train))), "val")
@@ -557,9 +576,6 @@ def main_train(argv: list[str] | None = None) -> int:
         print(f"[ardiff judge] {out} exists (held-out accuracy {info.get('held_out_accuracy', math.nan):.4f}); "
               "--force retrains")  # fmt: skip
         return 0
-    kwargs = dict(arch=a.arch, model_kwargs=a.model_kwargs, image_size=a.image_size, epochs=a.epochs,
-                  batch_size=a.batch_size, lr=a.lr, flip=a.flip, seed=a.seed, max_images=a.max_images,
-                  threads=a.threads)  # fmt: skip
     with file_lock(out):
         train_judge(a.train, out, val, **kwargs)
     return 0

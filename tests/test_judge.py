@@ -22,7 +22,7 @@ from lightning import Trainer
 from PIL import Image
 from torch import Tensor, nn
 
-from callbacks.judge import Judge, JudgeCallback, load_judge, save_judge, save_statistics
+from callbacks.judge import Judge, JudgeCallback, default_judge_path, load_judge, save_judge, save_statistics
 from callbacks.sampling import generate_chunk
 from models.checkpoint import CheckpointError
 from tests.test_eval_common import FakeGenerator, dummy_loader
@@ -173,7 +173,8 @@ def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, 
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, callbacks=[real],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(RealImages(colour_shards), datamodule=ShardInfo(colour_shards))
-    path = colour_shards / "train" / "judge_resnet10t_16.pt"
+    path = Path(default_judge_path(str(colour_shards / "train"), "resnet10t", 16, train_kwargs))
+    assert path.name.startswith("judge_resnet10t_16-")  # not the defaults: the name says so
     info = json.loads(path.with_suffix(".json").read_text())
     assert real.judge_path == str(path) and info["held_out_accuracy"] == 1.0 and info["num_held_out"] == 40
     assert "held-out accuracy 1.0000" in capsys.readouterr().out
@@ -187,6 +188,18 @@ def test_trained_judge_class_acc_real_is_one_and_blind_is_chance(colour_shards, 
     assert "training one" not in capsys.readouterr().out  # the cached judge is reused
     assert blind.last_metrics["class_acc"] == pytest.approx(0.25, abs=0.07)  # chance for 4 classes, 400 samples
     assert blind.last_metrics["fd_judge"] < 5 * max(real.last_metrics["fd_judge"], 1e-3) + 1  # same image set
+
+
+def test_default_judge_path_names_non_default_training(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "train-000000.tar").touch()
+    train = str(tmp_path / "train")
+    plain = default_judge_path(train, "resnet10t", 32)
+    assert plain == str(tmp_path / "train" / "judge_resnet10t_32.pt")
+    assert default_judge_path(train, "resnet10t", 32, {"epochs": 12, "threads": 2, "seed": 0}) == plain  # defaults
+    three = default_judge_path(train, "resnet10t", 32, {"epochs": 3})
+    assert three != plain and three != default_judge_path(train, "resnet10t", 32, {"epochs": 4})
+    assert three == default_judge_path(train, "resnet10t", 32, {"epochs": 3, "threads": 1})  # threads: same recipe
 
 
 def test_ardiff_eval_with_judge(colour_shards, tmp_path):
