@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Attention as TimmAttention
-from timm.layers import Mlp
+from timm.layers import Mlp, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -51,6 +51,10 @@ class TransDiffConfig:
     # Without it a tiny pixel-space decoder stays token-local for thousands of steps (each token denoised from
     # itself: samples are independent 4x4 blocks); the conv lets neighbouring tokens agree from the first step.
     decoder_conv_mlp: bool = False
+    # Opt-in (official: False): start the decoder's learned position embedding at DiT's fixed 2D sin-cos table instead
+    # of N(0, 0.02), where token positions are ~50x weaker than the projected noisy input. Same parameter and keys.
+    # Tiny demo, 1,200 steps, seeds 0 / 1: class_acc 0.954 / 0.964 -> 0.966 / 0.980, fd_judge 25.1 / 36.1 -> 20.6 / 28.8
+    decoder_sincos_pos: bool = False
     mlp_ratio: float = 4.0
     seq_len: int = 256  # encoder tokens after the buffer (official: fixed 256, also at 512 px)
     buffer_size: int = 64  # class-embedding slots prepended to the encoder sequence
@@ -118,6 +122,7 @@ TRANSDIFF_CONFIGS: dict[str, TransDiffConfig] = {
         decoder_num_heads=4,
         decoder_patch_size=4,
         decoder_conv_mlp=True,
+        decoder_sincos_pos=True,
         seq_len=16,
         buffer_size=4,
         patch_size=1,
@@ -394,7 +399,13 @@ class TransDiff(nn.Module):
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.diffusion_pos_embed_learned, std=0.02)
-        nn.init.normal_(self.diffdecoder.net.diffusion_pos_embed_learned, std=0.02)
+        dec_pos = self.diffdecoder.net.diffusion_pos_embed_learned  # (1, N, D)
+        if self.cfg.decoder_sincos_pos:
+            grid = self.cfg.latent_size // self.cfg.decoder_patch_size
+            with torch.no_grad():
+                dec_pos.copy_(build_sincos2d_pos_embed([grid, grid], dec_pos.shape[-1])[None])
+        else:
+            nn.init.normal_(dec_pos, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

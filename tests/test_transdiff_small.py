@@ -206,3 +206,31 @@ def test_decoder_mlp_mixes_exactly_the_3x3_neighbourhood(conv):
     touched = {n for n in range(64) if grad[0, n].abs().sum() > 0}
     want = {(3 + dr) * 8 + 3 + dc for dr in (-1, 0, 1) for dc in (-1, 0, 1)} if conv else {27}
     assert touched == want
+
+
+@pytest.mark.parametrize("sincos", [False, True])
+def test_decoder_sincos_pos_is_a_2d_table_in_token_order(sincos):
+    """Opt-in decoder_sincos_pos: the decoder position embedding starts as a 2D sin-cos table over the 8 x 8 token
+    grid (row-major, as patchify orders the tokens); off, it keeps the official N(0, 0.02) start. Checked by
+    properties of any 2D sin-cos table: each entry is sin or cos of (row or column) * frequency, so the dot product of
+    two positions depends only on their offset, and it is the same for a step along a row as down a column."""
+    from dataclasses import replace
+
+    from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
+
+    torch.manual_seed(0)
+    pos = TransDiff(replace(TRANSDIFF_CONFIGS["tiny"], decoder_sincos_pos=sincos))
+    pos = pos.diffdecoder.net.diffusion_pos_embed_learned.detach()[0]  # (64, 128)
+    assert pos.requires_grad is False and pos.shape == (64, 128)
+    if not sincos:
+        assert pos.std().item() == pytest.approx(0.02, rel=0.1)
+        return
+    assert pos.abs().max().item() <= 1.0 and pos.std().item() > 0.3
+    assert torch.allclose((pos**2).sum(1), torch.full((64,), 64.0), atol=1e-4)  # sin^2 + cos^2 = 1, 64 pairs
+    dot = pos @ pos.T  # (64, 64)
+    right = torch.stack([dot[r * 8 + c, r * 8 + c + 1] for r in range(8) for c in range(7)])
+    down = torch.stack([dot[r * 8 + c, (r + 1) * 8 + c] for r in range(7) for c in range(8)])
+    assert torch.allclose(right, right[0].expand_as(right), atol=1e-4)  # offset-only: same for every pair
+    assert torch.allclose(down, right[0].expand_as(down), atol=1e-4)  # a row step equals a column step
+    wrap = dot[7, 8]  # (row 0, col 7) and (row 1, col 0): 7 columns and a row apart, not neighbours
+    assert wrap < right[0] - 1.0
