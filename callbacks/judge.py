@@ -169,6 +169,9 @@ def load_judge(path: str, arch: str | None = None, num_classes: int | None = Non
     return Judge(model, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"], meta)
 
 
+_PATH_KEYS = ("arch", "image_size", "threads", "log")  # in the judge file name already, or no effect on the judge
+
+
 def default_judge_path(
     train_shards: str, arch: str = SMALL_ARCH, image_size: int = 32, settings: dict | None = None
 ) -> str:
@@ -182,9 +185,6 @@ def default_judge_path(
     }  # fmt: skip
     tag = "-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
     return os.path.join(shard_dir(train_shards), f"judge_{arch}_{image_size}{tag}.pt")
-
-
-_PATH_KEYS = ("arch", "image_size", "threads", "log")  # in the name already, or no effect on the recipe
 
 
 # ------------------------------------------------------------------------------------------------ training
