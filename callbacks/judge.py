@@ -170,6 +170,10 @@ def load_judge(path: str, arch: str | None = None, num_classes: int | None = Non
 
 
 _PATH_KEYS = ("arch", "image_size", "threads", "log")  # in the judge file name already, or no effect on the judge
+# train_judge settings recorded in the judge's json (the arch is in its name and its meta)
+_SETTING_KEYS = tuple(
+    "image_size epochs batch_size lr weight_decay max_shift flip held_out_fraction seed max_images".split()
+)
 
 
 def default_judge_path(
@@ -304,6 +308,7 @@ def train_judge(
         "seed": seed,
         "flip": flip,
         "max_shift": max_shift,
+        "settings": {k: v for k, v in locals().items() if k in _SETTING_KEYS},
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -329,6 +334,34 @@ def file_lock(path: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def stale_judge_settings(path: str, train_kwargs: dict) -> dict[str, tuple]:
+    """{setting: (recorded, requested)} for the training settings in `path`'s .json that differ from `train_kwargs`
+    (filled with train_judge's defaults). Files written before the json had a `settings` entry are read from its
+    top level, which recorded epochs, seed, flip and max_shift."""
+    info_path = Path(path).with_suffix(".json")
+    if not info_path.is_file():
+        return {}
+    info = json.loads(info_path.read_text())
+    recorded = info.get("settings", info)
+    wanted = {k: p.default for k, p in inspect.signature(train_judge).parameters.items()} | train_kwargs
+    return {
+        k: (recorded[k], wanted[k]) for k in _SETTING_KEYS if k in recorded and k in wanted and recorded[k] != wanted[k]
+    }
+
+
+def check_cached_judge(path: str, train_kwargs: dict) -> None:
+    """Raise if the cached judge at `path` was trained with other settings than `train_kwargs` (an old cache, e.g.
+    from a recipe version that asked for fewer epochs, is never silently taken for the judge asked for)."""
+    stale = stale_judge_settings(path, train_kwargs) if os.path.isfile(path) else {}
+    if stale:
+        diff = ", ".join(f"{k}={old!r} (asked: {new!r})" for k, (old, new) in stale.items())
+        raise ValueError(
+            f"{path}: this cached judge was trained with {diff}, so its figures are not comparable with this "
+            f"recipe's. Delete it and its .json to train the judge this recipe asks for, or give its path as the "
+            f"judge (not 'auto') to use it as it is."
+        )
 
 
 def ensure_judge(path: str, train: str, val: str | None = None, **train_kwargs) -> str:
@@ -438,9 +471,10 @@ class JudgeCallback(L.Callback):
                 )
             size = self.train_kwargs.get("image_size", self._image_size(trainer) or 32)
             path = default_judge_path(train, self.arch, size, self.train_kwargs)
+            check_cached_judge(path, {"image_size": size} | self.train_kwargs)  # every rank, before any barrier
         if self.judge_spec == "auto" or self.train_if_missing:  # the same branch on every rank (one barrier each)
-            if trainer.is_global_zero and not os.path.isfile(path):
-                if not train:
+            if trainer.is_global_zero:
+                if not train and not os.path.isfile(path):
                     raise _missing_judge(path)
                 kwargs = {"arch": self.arch, "image_size": self._image_size(trainer) or 32} | self.train_kwargs
                 ensure_judge(path, train, getattr(dm, "val_shards", None), **kwargs)
@@ -572,6 +606,8 @@ def main_train(argv: list[str] | None = None) -> int:
         sibling = os.path.join(os.path.dirname(os.path.abspath(shard_dir(a.train))), "val")
         val = sibling if os.path.isdir(sibling) and os.path.abspath(sibling) != os.path.abspath(a.train) else None
     if os.path.isfile(out) and not a.force:
+        if a.out is None:
+            check_cached_judge(out, kwargs)
         info = json.loads(Path(out).with_suffix(".json").read_text()) if Path(out).with_suffix(".json").exists() else {}
         print(f"[ardiff judge] {out} exists (held-out accuracy {info.get('held_out_accuracy', math.nan):.4f}); "
               "--force retrains")  # fmt: skip

@@ -202,6 +202,31 @@ def test_default_judge_path_names_non_default_training(tmp_path):
     assert three == default_judge_path(train, "resnet10t", 32, {"epochs": 3, "threads": 1})  # threads: same recipe
 
 
+def test_auto_judge_refuses_a_cache_trained_otherwise(tmp_path):
+    """A cached default judge whose json records other training settings (an old 3-epoch cache under the default
+    name, or a changed seed) is an error naming the file, never silently used as the judge the recipe asks for."""
+    from types import SimpleNamespace
+
+    from callbacks.judge import check_cached_judge
+
+    (tmp_path / "train").mkdir()
+    train = str(tmp_path / "train")
+    path = Path(default_judge_path(train, "resnet10t", 32))
+    path.write_bytes(b"not read")
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_shards=train, image_size=32), is_global_zero=True)
+    old = {"arch": "resnet10t", "image_size": 32, "epochs": 3, "seed": 0, "flip": False, "max_shift": 3}
+    path.with_suffix(".json").write_text(json.dumps(old))  # written before the json had `settings`
+    with pytest.raises(ValueError, match=r"judge_resnet10t_32\.pt.*epochs=3 \(asked: 12\).*Delete it"):
+        JudgeCallback(judge="auto").setup_judge(trainer)
+    check_cached_judge(str(path), {"epochs": 3, "image_size": 32})  # what it was trained with: accepted
+    new = {"settings": {"image_size": 32, "epochs": 12, "batch_size": 64, "lr": 3e-3, "seed": 1}}
+    path.with_suffix(".json").write_text(json.dumps(new))
+    with pytest.raises(ValueError, match=r"seed=1 \(asked: 0\)"):
+        check_cached_judge(str(path), {})
+    with pytest.raises(ValueError, match="seed=1"):
+        JudgeCallback(judge="auto").setup_judge(trainer)
+
+
 def test_ardiff_eval_with_judge(colour_shards, tmp_path):
     from ardiff import evaluate
     from callbacks.judge import ensure_judge
