@@ -308,7 +308,7 @@ def train_judge(
         "seed": seed,
         "flip": flip,
         "max_shift": max_shift,
-        "settings": {k: v for k, v in locals().items() if k in _SETTING_KEYS},
+        "settings": {k: v for k, v in locals().items() if k in _SETTING_KEYS},  # this function's arguments
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -336,27 +336,20 @@ def file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def stale_judge_settings(path: str, train_kwargs: dict) -> dict[str, tuple]:
-    """{setting: (recorded, requested)} for the training settings in `path`'s .json that differ from `train_kwargs`
-    (filled with train_judge's defaults). Files written before the json had a `settings` entry are read from its
-    top level, which recorded epochs, seed, flip and max_shift."""
+def check_cached_judge(path: str, train_kwargs: dict) -> None:
+    """Raise if the cached judge at `path` was trained with other settings than `train_kwargs` (filled with
+    train_judge's defaults), so that an old cache (e.g. from a recipe version that asked for fewer epochs) is never
+    silently taken for the judge asked for. Jsons written before the `settings` entry are read from their top level,
+    which recorded epochs, seed, flip and max_shift."""
     info_path = Path(path).with_suffix(".json")
-    if not info_path.is_file():
-        return {}
+    if not (os.path.isfile(path) and info_path.is_file()):
+        return
     info = json.loads(info_path.read_text())
     recorded = info.get("settings", info)
     wanted = {k: p.default for k, p in inspect.signature(train_judge).parameters.items()} | train_kwargs
-    return {
-        k: (recorded[k], wanted[k]) for k in _SETTING_KEYS if k in recorded and k in wanted and recorded[k] != wanted[k]
-    }
-
-
-def check_cached_judge(path: str, train_kwargs: dict) -> None:
-    """Raise if the cached judge at `path` was trained with other settings than `train_kwargs` (an old cache, e.g.
-    from a recipe version that asked for fewer epochs, is never silently taken for the judge asked for)."""
-    stale = stale_judge_settings(path, train_kwargs) if os.path.isfile(path) else {}
+    stale = [k for k in _SETTING_KEYS if k in recorded and k in wanted and recorded[k] != wanted[k]]
     if stale:
-        diff = ", ".join(f"{k}={old!r} (asked: {new!r})" for k, (old, new) in stale.items())
+        diff = ", ".join(f"{k}={recorded[k]!r} (asked: {wanted[k]!r})" for k in stale)
         raise ValueError(
             f"{path}: this cached judge was trained with {diff}, so its figures are not comparable with this "
             f"recipe's. Delete it and its .json to train the judge this recipe asks for, or give its path as the "
