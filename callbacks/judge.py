@@ -304,10 +304,6 @@ def train_judge(
         "held_out": str(held_out),
         "num_held_out": len(val_labels),
         "held_out_accuracy": held_out_acc,
-        "epochs": epochs,
-        "seed": seed,
-        "flip": flip,
-        "max_shift": max_shift,
         "settings": {k: v for k, v in locals().items() if k in _SETTING_KEYS},  # this function's arguments
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
