@@ -32,9 +32,11 @@ import yaml
 from jsonargparse import set_parsing_settings
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_modules.precision import BF16Precision
 from lightning_modules.strategies import ChecksumCheckpointIO, shutdown_distributed
 from models.checkpoint import CheckpointError, check_checkpoint_file
 from models.presets import config_dict, preset_types, resolve_config
@@ -165,6 +167,9 @@ class ArdiffCLI(LightningCLI):
         trainer = self.trainer
         if not isinstance(trainer.strategy.checkpoint_io, ChecksumCheckpointIO):
             trainer.strategy.checkpoint_io = ChecksumCheckpointIO(trainer.strategy.checkpoint_io)
+        plugin = trainer.strategy.precision_plugin
+        if type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":  # clips with fused AdamW; CPU attention
+            trainer.strategy.precision_plugin = BF16Precision(plugin.device)
         dirs = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
         args = self.config[self.config.subcommand]
         if args.get("ckpt_path") == "last":
