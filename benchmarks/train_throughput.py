@@ -1,7 +1,8 @@
 """Training-step throughput (images/s) of TransDiff (1-step, MRAR) and D-AR (tokenizer, GPT), random weights.
 
 One step = what `GenerativeModule.training_step` + `optimizer_step` do: `compute_loss` of the real LightningModule
-(under bf16 autocast for the bf16 rows, as Lightning's `bf16-mixed`), backward, the AdamW from
+(for the bf16 rows under `lightning_modules.precision.BF16Precision`, what ardiff's `bf16-mixed` and
+`AutoBF16Precision` use: bf16 autocast, attention in fp32 on CPU), backward, the AdamW from
 `configure_optimizers` (fused where the base module fuses it), the lr scheduler, the EMA update. Logging is left out.
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on the first (warm-up) step (matmul, conv and
 attention FLOPs of forward + backward, recomputation under gradient checkpointing included) and divided by the timed
@@ -39,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import matmul_peak, report, sync, time_fn
 from lightning_modules.base import GenerativeModule
 from lightning_modules.dar import DARGPTModule, DARTokenizerModule
+from lightning_modules.precision import BF16Precision
 from lightning_modules.transdiff import TransDiffModule
 from models.dar_gpt import DAR_GPT_CONFIGS
 from models.perceptual import DINOV2_ARCHS, LPIPS, DINOv2Features
@@ -130,8 +132,8 @@ CASES = [
 
 
 def train_step(module: GenerativeModule, opt: torch.optim.Optimizer, sched, batch: dict[str, Tensor], bf16: bool):
-    """compute_loss (under autocast for bf16) -> backward -> optimizer + scheduler step -> EMA update."""
-    with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=bf16):
+    """compute_loss (under ardiff's bf16 plugin for bf16) -> backward -> optimizer + scheduler step -> EMA update."""
+    with BF16Precision(module.device.type).forward_context() if bf16 else nullcontext():
         loss, _ = module.compute_loss(batch)
     loss.backward()
     opt.step()

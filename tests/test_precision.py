@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ardiff.cli import main
 from lightning_modules.precision import AutoBF16Precision, BF16Precision
 from models.transdiff import TRANSDIFF_CONFIGS, TransDiff
+from tests.test_cli import ROOT, ardiff_inprocess
 from tests.test_demo import shortened
 
 
@@ -154,3 +155,17 @@ def test_auto_bf16_every_rank_takes_rank_zeros_choice(tmp_path):
     mp.spawn(_decide_on_rank, args=(port, str(tmp_path / "d")), nprocs=2)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"d.{rank}") == {"use_bf16": True, "speedup": 2.0}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2_cpu"])
+def test_strategy_presets_replace_a_recipes_precision_plugin(strategy):
+    """Lightning refuses `precision` beside a precision plugin: a strategy preset composed after a demo recipe (as
+    README shows for fsdp2_cpu) drops the recipe's AutoBF16Precision for its own precision."""
+    recipe = ROOT / "experiments/transdiff/demo.yaml"
+    assert yaml.safe_load(recipe.read_text())["trainer"]["plugins"]
+    proc = ardiff_inprocess(
+        "fit", "--print_config", "-c", str(recipe), "-c", f"{ROOT}/experiments/strategies/{strategy}.yaml"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer = yaml.safe_load(proc.stdout)["trainer"]
+    assert trainer["plugins"] is None and trainer["precision"] in ("32-true", "bf16-mixed")
