@@ -197,19 +197,26 @@ def dense_peak(dtype: torch.dtype, device: str) -> float:
 
 
 def plan(
-    scales: list[str], quick: bool, official_bf16: bool, only: str | None, precisions: list[str]
+    scales: list[str],
+    quick: bool,
+    official_bf16: bool,
+    only: str | None,
+    precisions: list[str],
+    tiny_batch: int = 4,
 ) -> list[tuple[Case, bool, int, int]]:
-    """(case, bf16, batch, timed steps) per row. bf16: one timed step (slow on CPUs without AMX / AVX512-BF16)."""
+    """(case, bf16, batch, timed steps) per row. bf16 at the official sizes: one timed step (slow on CPUs without
+    AMX / AVX512-BF16)."""
     out = []
     for case in CASES:
         if case.scale not in scales or (only and only.lower() not in f"{case.model} {case.config}".lower()):
             continue
         tiny = case.scale == "tiny"
-        batch = 4 if tiny else 1  # same batch in both precisions, so their per-image times compare
+        batch = tiny_batch if tiny else 1  # same batch in both precisions, so their per-image times compare
+        steps = 3 if tiny and not quick else 1
         if "fp32" in precisions:
-            out.append((case, False, batch, 3 if tiny and not quick else 1))
+            out.append((case, False, batch, steps))
         if "bf16" in precisions and (tiny or official_bf16):
-            out.append((case, True, batch, 1))
+            out.append((case, True, batch, steps))
     return out
 
 
@@ -221,9 +228,10 @@ def rows(
     device: str = "cpu",
     only: str | None = None,
     precisions: list[str] | None = None,
+    tiny_batch: int = 4,
 ) -> list[dict]:
     scales = scales or (["tiny"] if quick else ["tiny", "official"])
-    todo = plan(scales, quick, official_bf16, only, precisions or ["fp32", "bf16"])
+    todo = plan(scales, quick, official_bf16, only, precisions or ["fp32", "bf16"], tiny_batch)
     if not todo:
         raise ValueError(f"no benchmark case matches scales={scales} only={only!r}")
     dtypes = {torch.bfloat16 if bf16 else torch.float32 for _, bf16, _, _ in todo}
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="keep cases whose 'model config' contains this text (e.g. GPT)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--batch", type=int, default=4, help="batch of the tiny configs (the CPU demos train at 64)")
     p.add_argument("--json", default="train_throughput.json", help="where to write the rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"device {args.device}, {args.threads} threads, load average {load}", flush=True)
     precisions = args.precision.split(",")
-    table = rows(args.quick, scales, args.compile, args.official_bf16, args.device, args.only, precisions)
+    table = rows(args.quick, scales, args.compile, args.official_bf16, args.device, args.only, precisions, args.batch)
     columns = COLUMNS + (["speedup_vs_eager"] if args.compile else [])
     report(table, args.json, "Training-step throughput (forward + backward + AdamW + EMA)", columns)
     return 0
