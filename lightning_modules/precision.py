@@ -13,8 +13,9 @@ from the start of the training step to the end of its last backward (data loadin
 then the medians decide: bf16-mixed if fp32 / bf16 >= min_speedup, else 32-true. Rank 0's decision is broadcast.
 The decision is printed and stored in the checkpoint, so a resumed run goes on in the same precision.
 
-On CPU, scaled-dot-product attention stays in fp32 under bf16 autocast: torch's CPU flash-attention backward is
-~2.7x slower in bf16 than in fp32 (torch 2.14, AVX512-BF16), which cancels the bf16 gain of the linear layers
+On CPU, scaled-dot-product attention stays in fp32 under bf16 autocast: torch's CPU flash attention is slower in
+bf16 than in fp32 (torch 2.14, AVX512-BF16: 2.7x for forward + backward of a (64, 4, 64, 32) attention, 8x for the
+backward kernels inside the tiny TransDiff step), which cancels the bf16 gain of the linear layers
 (tiny TransDiff demo step, 2-core EPYC: fp32 0.24 s, bf16 0.26 s, bf16 with fp32 attention 0.12 s).
 Sampling in callbacks runs outside the training step and stays fp32.
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import sample_latency, side_by_side, train_throughput
 from models.dar_gpt import DAR_GPT_CONFIGS
@@ -35,6 +36,18 @@ def test_train_throughput_quick_gpt_rows_and_flops(tmp_path: Path) -> None:
     expected = 6 * cfg.block_size * linear + attention
     assert rows[0]["gflop_per_img"] * 1e9 == pytest.approx(expected, rel=1e-6)
     assert rows[1]["gflop_per_img"] == pytest.approx(rows[0]["gflop_per_img"])
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_train_throughput_counts_conv_backward_as_twice_the_forward(groups: int) -> None:
+    """Input and weight gradients of a 3x3 conv each cost its forward, 2 * N * H * W * C_out * (C_in / groups) * 9
+    (torch's own formula counts a grouped conv's weight gradient `groups` times over)."""
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=train_throughput.FLOP_FORMULAS) as counter:
+        conv(x).sum().backward()
+    forward = 2 * 2 * 8 * 8 * 16 * (16 // groups) * 9
+    assert counter.get_total_flops() == 3 * forward
 
 
 def test_train_throughput_step_is_the_training_step() -> None:
