@@ -1,5 +1,7 @@
 """TransDiff model: official sizes and checkpoint layout, flow loss, sampler, MRAR layout and inference loop."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -94,6 +96,10 @@ OFFICIAL_KEY_COUNTS = {"transdiff_base": 589, "transdiff_large": 777, "transdiff
 TINY_LAYOUT = dict(D=128, enc_blocks=4, dec_blocks=4, z_in=3, buffer=4, seq_len=16, dec_tokens=64, tok=48, classes=10)
 
 
+# the official parameterisation (velocity output) at the tiny size; the `tiny` preset itself predicts x0
+OFFICIAL_TINY = replace(TRANSDIFF_CONFIGS["tiny"], decoder_prediction="v")
+
+
 def random_sd(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) * 0.02 for k, s in layout.items()}
@@ -177,7 +183,7 @@ class _VelocityIsInput(nn.Module):
 
 
 def test_flow_loss_matches_hand_computation():
-    dd = DiffDecoder(TRANSDIFF_CONFIGS["tiny"])
+    dd = DiffDecoder(OFFICIAL_TINY)
     dd.net = _VelocityIsInput()
     x0 = torch.tensor([[[1.0]], [[-2.0]]])  # (B=2, N=1, C=1)
     eps = torch.tensor([[[3.0]], [[0.0]]])
@@ -189,7 +195,7 @@ def test_flow_loss_matches_hand_computation():
 
 
 def test_training_timesteps_are_logit_normal_integers():
-    dd = DiffDecoder(TRANSDIFF_CONFIGS["tiny"])
+    dd = DiffDecoder(OFFICIAL_TINY)
     dd.net = _VelocityIsInput()
     dd.loss(torch.zeros(20000, 1, 1), torch.zeros(20000, 1, 1), generator=torch.Generator().manual_seed(0))
     k = dd.net.t
@@ -237,7 +243,7 @@ def test_sampling_is_deterministic_and_class_dependent():
 
 def test_sampler_final_step_is_deterministic_euler():
     """With one step left (t=0.04 -> 0) the update is x + dt (x + (2 - t) v): no noise, no drift scaling."""
-    dd = DiffDecoder(TRANSDIFF_CONFIGS["tiny"])
+    dd = DiffDecoder(OFFICIAL_TINY)
     dd.net = _VelocityIsInput()  # v = x
     x = torch.randn(1, 2, 3)
     out = dd.sample(torch.zeros(1, 1, 1), x, num_steps=2, scale_0=0.5, scale_1=0.0)

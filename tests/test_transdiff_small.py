@@ -3,6 +3,7 @@ and the flip switch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,3 +237,44 @@ def test_decoder_sincos_pos_is_a_2d_table_in_token_order(sincos):
     assert torch.allclose(down, right[0].expand_as(down), atol=1e-4)  # a row step equals a column step
     wrap = dot[7, 8]  # (row 0, col 7) and (row 1, col 0): 7 columns and a row apart, not neighbours
     assert wrap < right[0] - 1.0
+
+
+class _ConstantNet(torch.nn.Module):
+    """Stands in for the velocity network: returns a fixed tensor whatever the input."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, c, t):
+        return self.out.expand_as(x)
+
+
+def test_x_prediction_velocity_and_loss_match_hand_computed_values():
+    """decoder_prediction="x": the network's output is read as x0, so v = (x_t - x0_hat) / max(t, t_min). A network
+    that outputs the true x0 has zero loss at every t >= t_min; one that outputs 0 has loss mean((x0 / t)^2) (the
+    path x_t = (1 - t) x0 + t eps), and below t_min the division uses t_min; "v" reads the output as v itself."""
+    from models.transdiff import TRANSDIFF_CONFIGS, DiffDecoder
+
+    cfg = replace(TRANSDIFF_CONFIGS["tiny"], decoder_prediction="x", x_pred_t_min=0.05)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 64, 48, generator=g), torch.randn(2, 64, 48, generator=g)
+    dec = DiffDecoder(cfg)
+    c = torch.zeros(2, 16, 128)
+    steps = torch.tensor([500, 250])
+    dec.net = _ConstantNet(x0)
+    assert dec.loss(x0, c, noise=eps, timesteps=steps).item() == pytest.approx(0.0, abs=1e-10)
+    dec.net = _ConstantNet(torch.zeros(()))
+    expected = torch.cat([(x0[0] / 0.5) ** 2, (x0[1] / 0.25) ** 2]).mean()  # by hand: v_hat - v = x0 / t
+    assert dec.loss(x0, c, noise=eps, timesteps=steps).item() == pytest.approx(expected.item(), rel=1e-5)
+    low = torch.tensor([10, 10])  # t = 0.01 < t_min: v_hat = x_t / 0.05
+    x_t = 0.99 * x0 + 0.01 * eps
+    expected = ((x_t / 0.05 - (eps - x0)) ** 2).mean()
+    assert dec.loss(x0, c, noise=eps, timesteps=low).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert TRANSDIFF_CONFIGS["tiny"].decoder_prediction == "x"  # the demo preset; the official sizes keep "v"
+    assert TRANSDIFF_CONFIGS["transdiff_large"].decoder_prediction == "v"
+    official = DiffDecoder(replace(cfg, decoder_prediction="v"))  # "v": the output is the velocity
+    official.net = _ConstantNet(eps - x0)
+    assert official.loss(x0, c, noise=eps, timesteps=steps).item() == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="decoder_prediction"):
+        DiffDecoder(replace(cfg, decoder_prediction="eps"))
