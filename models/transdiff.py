@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class TransDiffConfig:
     # What the decoder network outputs (official: "v", the velocity eps - x0). "x" (opt-in): the clean token x0, turned
     # into the velocity v = (x_t - x0) / max(t, x_pred_t_min) for the same velocity loss and sampler (JiT, Li & He
     # 2025: a small network fits the low-dimensional data better than the full-dimensional noise).
-    decoder_prediction: str = "v"
+    decoder_prediction: Literal["v", "x"] = "v"
     x_pred_t_min: float = 0.05
     mlp_ratio: float = 4.0
     seq_len: int = 256  # encoder tokens after the buffer (official: fixed 256, also at 512 px)
@@ -305,7 +306,8 @@ def _rand(shape: Sequence[int], generator: torch.Generator | None, device: torch
 class DiffDecoder(nn.Module):
     """Rectified-flow loss and Euler-Maruyama sampler around the velocity network (official key prefix `.net`).
 
-    Path x_t = (1 - t) x_0 + t eps, t = 1 is noise; the network predicts v = eps - x_0 and takes 1000 t as input.
+    Path x_t = (1 - t) x_0 + t eps, t = 1 is noise; the network predicts v = eps - x_0 (or x_0 itself with
+    decoder_prediction "x", see `velocity`) and takes 1000 t as input.
     """
 
     def __init__(self, cfg: TransDiffConfig):
