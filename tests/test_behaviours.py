@@ -8,6 +8,7 @@ groups, VAE posterior sampling.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ class ConstVelocity(nn.Module):
 
 
 def test_transdiff_cfg_combines_velocities_as_u_plus_s_times_c_minus_u():
-    dd = DiffDecoder(TRANSDIFF_CONFIGS["tiny"])
+    dd = DiffDecoder(replace(TRANSDIFF_CONFIGS["tiny"], decoder_prediction="v"))  # stub returns velocities
     dd.net = ConstVelocity()
     B, N, C = 2, 4, 3
     c = torch.cat([torch.full((B, 5, 7), 3.0), torch.full((B, 5, 7), 1.0)])  # v_c = 3, v_u = 1
