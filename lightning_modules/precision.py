@@ -149,7 +149,18 @@ class AutoBF16Precision(BF16Precision):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"use_bf16": self.use_bf16, "speedup": self.speedup}
+        # mid-probe, also its progress: a run resumed there goes on with the same precision sequence (exact resume)
+        times = {k: list(v) for k, v in self._times.items()}
+        if self.use_bf16 is None and self._timing is not None and self._backward_end:  # the step just finished
+            times[self._timing[0]].append(self._backward_end - self._timing[1])
+        return {"use_bf16": self.use_bf16, "speedup": self.speedup, "probe_step": self._step,
+                "probe_times_fp32": times[False], "probe_times_bf16": times[True]}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.use_bf16, self.speedup = state_dict.get("use_bf16"), state_dict.get("speedup")
+        self._step = int(state_dict.get("probe_step", 0))
+        self._times = {
+            False: list(state_dict.get("probe_times_fp32", [])),
+            True: list(state_dict.get("probe_times_bf16", [])),
+        }
+        self._timing, self._backward_end = None, 0.0

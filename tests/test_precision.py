@@ -139,6 +139,22 @@ def test_auto_bf16_trains_in_the_precision_that_measured_faster(tmp_path, slow_i
     assert resumed.ran_bf16 == [not slow_in_bf16] * 4
 
 
+def test_auto_bf16_resumed_mid_probe_goes_on_with_the_same_sequence(tmp_path):
+    """A run stopped during the probe (step 5 of 8) and resumed runs steps 5-7 in the precisions the uninterrupted
+    run used there, then decides from all 6 timings: the precision of every step, and so the weights, match."""
+    straight = Timed(slow_in_bf16=False)
+    fit(straight, 12, tmp_path / "straight")
+    first = Timed(slow_in_bf16=False)
+    fit(first, 5, tmp_path)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["AutoBF16Precision"]
+    assert state["use_bf16"] is None and state["probe_step"] == 5
+    assert len(state["probe_times_fp32"]) == 2 and len(state["probe_times_bf16"]) == 1  # steps 2, 4 (just ended) and 3
+    resumed = Timed(slow_in_bf16=False)
+    plugin = fit(resumed, 12, tmp_path / "r", ckpt_path=tmp_path / "last.ckpt")
+    assert first.ran_bf16 + resumed.ran_bf16 == straight.ran_bf16 == [False, True] * 4 + [True] * 4
+    assert plugin.use_bf16 is True and plugin.speedup > 3
+
+
 def _decide_on_rank(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     plugin = AutoBF16Precision()
