@@ -19,5 +19,4 @@ def test_last_ckpt_is_the_final_step(tmp_path):
     trainer.fit(model, ToyData(n=64, batch_size=8))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 7
-    final = {k: v for k, v in model.state_dict().items()}
-    assert all(torch.equal(saved["state_dict"][k], v) for k, v in final.items())
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in model.state_dict().items())

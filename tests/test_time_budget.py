@@ -33,12 +33,12 @@ class TickPerStep(L.Callback):
         self.clock.now += self.seconds
 
 
-def _fit(tmp_path, clock, budget, max_steps, ckpt_path=None, seconds=1.0):
+def _fit(tmp_path, clock, budget, max_steps, ckpt_path=None, seconds=1.0, callbacks=()):
     tick = TickPerStep(clock, seconds)
     model = ToyGenerator(lr=1e-2, warmup_steps=0, lr_schedule="cosine", min_lr=0.0, ema_decay=None)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[tick, budget], enable_checkpointing=False,
+        default_root_dir=tmp_path, callbacks=[tick, budget, *callbacks], enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(model, ToyData(n=64, batch_size=8), ckpt_path=ckpt_path)
     return trainer, model, tick
@@ -82,13 +82,7 @@ class SaveAt(L.Callback):
 def test_resume_keeps_the_decision(tmp_path, clock):
     path = tmp_path / "mid.ckpt"
     budget = TimeBudget(minutes=1.0, start_step=2, measure_steps=5, round_to=10)
-    tick = TickPerStep(clock)
-    model = ToyGenerator(lr=1e-2, warmup_steps=0, lr_schedule="cosine", min_lr=0.0, ema_decay=None)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=200, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[tick, budget, SaveAt(30, path)], enable_checkpointing=False,
-    )  # fmt: skip
-    trainer.fit(model, ToyData(n=64, batch_size=8))
+    _, _, tick = _fit(tmp_path, clock, budget, max_steps=200, callbacks=[SaveAt(30, path)])
     state = torch.load(path, weights_only=True)["callbacks"]
     assert any(v == {"max_steps": 60, "step_time": 1.0} for v in state.values())
     # the recipe resumed at step 30 on a machine 10x slower: no new measurement, the run still ends at step 60
