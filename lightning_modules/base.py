@@ -181,6 +181,7 @@ class GenerativeModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self._skip_step = False  # this batch's optimizer and EMA step are dropped (nan_policy=skip)
         self.schedule_steps: int | None = None  # length of the lr schedule (set by configure_optimizers)
+        self.schedule_decay_start = decay_start_step  # start of the linear decay (compressed with schedule_steps)
 
     # ------------------------------------------------------------------ subclass API
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -374,19 +375,22 @@ class GenerativeModule(L.LightningModule):
         fused = not sharded and all(p.device.type in ("cuda", "cpu") for p in params)
         opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps, fused=fused)
         self.schedule_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        self.schedule_decay_start, self._planned_schedule_steps = self.decay_start_step, self.schedule_steps
         min_ratio = self.min_lr / lr if lr > 0 else 0.0
 
         def factor(step: int) -> float:  # reads schedule_steps at every step (TimeBudget may shorten the run)
             total = self.schedule_steps
-            return lr_factor(step, self.warmup_steps, self.lr_schedule, total, self.decay_start_step, min_ratio)
+            return lr_factor(step, self.warmup_steps, self.lr_schedule, total, self.schedule_decay_start, min_ratio)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def set_schedule_steps(self, max_steps: int) -> None:
         """The run now ends at `max_steps` (callbacks.time_budget.TimeBudget): a schedule that spans the trainer's
-        length follows it; an explicit `total_steps` is kept."""
+        length follows it, the linear decay's start scaled by the same ratio; an explicit `total_steps` is kept."""
         if self.total_steps is None:
+            planned = getattr(self, "_planned_schedule_steps", None) or max_steps
+            self.schedule_decay_start = round(self.decay_start_step * max_steps / planned)
             self.schedule_steps = max_steps
 
     # ------------------------------------------------------------------ training loop hooks

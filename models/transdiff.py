@@ -61,6 +61,10 @@ class TransDiffConfig:
     # 2025: a small network fits the low-dimensional data better than the full-dimensional noise).
     decoder_prediction: Literal["v", "x"] = "v"
     x_pred_t_min: float = 0.05
+    # Training time t = sigmoid(N(time_mean, time_std)) (official: logit-normal(0, 1)). time_mean > 0 (opt-in) trains
+    # more at high noise, where a sample's layout is decided (SD3's and JiT's shift). Measured in the demo recipe.
+    time_mean: float = 0.0
+    time_std: float = 1.0
     mlp_ratio: float = 4.0
     seq_len: int = 256  # encoder tokens after the buffer (official: fixed 256, also at 512 px)
     buffer_size: int = 64  # class-embedding slots prepended to the encoder sequence
@@ -130,6 +134,7 @@ TRANSDIFF_CONFIGS: dict[str, TransDiffConfig] = {
         decoder_conv_mlp=True,
         decoder_sincos_pos=True,
         decoder_prediction="x",
+        time_mean=0.4,
         seq_len=16,
         buffer_size=4,
         patch_size=1,
@@ -315,6 +320,7 @@ class DiffDecoder(nn.Module):
         if cfg.decoder_prediction not in ("v", "x"):
             raise ValueError(f"decoder_prediction must be 'v' or 'x', got {cfg.decoder_prediction!r}")
         self.predict_x, self.t_min = cfg.decoder_prediction == "x", cfg.x_pred_t_min
+        self.time_mean, self.time_std = cfg.time_mean, cfg.time_std
         self.net = DiffusionDecoder(cfg)
 
     def velocity(self, x_t: Tensor, c: Tensor, timesteps: Tensor) -> Tensor:
@@ -336,8 +342,9 @@ class DiffDecoder(nn.Module):
         """MSE velocity loss. x0 (B, N, C_tok), c (B, M, D); timesteps: integers in [0, 999], logit-normal if None."""
         if noise is None:
             noise = _randn(x0.shape, generator, x0.device)
-        if timesteps is None:  # logit-normal(0, 1) time, truncated to an integer step k = floor(1000 t)
-            timesteps = (torch.sigmoid(_randn((x0.shape[0],), generator, x0.device)) * 1000).long()
+        if timesteps is None:  # logit-normal time, truncated to an integer step k = floor(1000 t)
+            z = _randn((x0.shape[0],), generator, x0.device) * self.time_std + self.time_mean  # (B,)
+            timesteps = (torch.sigmoid(z) * 1000).long()
         t = (timesteps.float() / 1000)[:, None, None]  # (B, 1, 1)
         x_t = (1 - t) * x0 + t * noise
         return F.mse_loss(self.velocity(x_t, c, timesteps), noise - x0)

@@ -33,9 +33,10 @@ class TickPerStep(L.Callback):
         self.clock.now += self.seconds
 
 
-def _fit(tmp_path, clock, budget, max_steps, ckpt_path=None, seconds=1.0, callbacks=()):
+def _fit(tmp_path, clock, budget, max_steps, ckpt_path=None, seconds=1.0, callbacks=(), **schedule):
     tick = TickPerStep(clock, seconds)
-    model = ToyGenerator(lr=1e-2, warmup_steps=0, lr_schedule="cosine", min_lr=0.0, ema_decay=None)
+    schedule = {"lr_schedule": "cosine", **schedule}
+    model = ToyGenerator(lr=1e-2, warmup_steps=0, min_lr=0.0, ema_decay=None, **schedule)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, callbacks=[tick, budget, *callbacks], enable_checkpointing=False,
@@ -61,6 +62,16 @@ def test_run_is_cut_to_the_budget_and_the_schedule_compressed(tmp_path, clock):
     assert tick.lrs[30] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 30 / 60)))
     assert tick.lrs[59] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
     assert tick.lrs[5] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 200)))  # before the decision
+
+
+def test_linear_decay_window_is_compressed_with_the_run(tmp_path, clock):
+    # D-AR GPT schedule: constant, then linear to 0 from step 150 of 200. Cut to 60 steps, the decay starts at 45.
+    budget = TimeBudget(minutes=1.0, start_step=2, measure_steps=5, round_to=10)
+    trainer, model, tick = _fit(tmp_path, clock, budget, max_steps=200, lr_schedule="linear", decay_start_step=150)
+    assert trainer.global_step == 60 and model.schedule_decay_start == 45
+    assert tick.lrs[44] == pytest.approx(1e-2)
+    assert tick.lrs[50] == pytest.approx(1e-2 * (1 - (50 - 45) / (60 - 45)))  # by hand
+    assert tick.lrs[59] == pytest.approx(1e-2 * (1 - 14 / 15))
 
 
 def test_a_run_that_fits_is_left_alone(tmp_path, clock):

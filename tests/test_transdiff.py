@@ -97,7 +97,7 @@ TINY_LAYOUT = dict(D=128, enc_blocks=4, dec_blocks=4, z_in=3, buffer=4, seq_len=
 
 
 # the official parameterisation (velocity output) at the tiny size; the `tiny` preset itself predicts x0
-OFFICIAL_TINY = replace(TRANSDIFF_CONFIGS["tiny"], decoder_prediction="v")
+OFFICIAL_TINY = replace(TRANSDIFF_CONFIGS["tiny"], decoder_prediction="v", time_mean=0.0)
 
 
 def random_sd(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -202,6 +202,12 @@ def test_training_timesteps_are_logit_normal_integers():
     assert k.dtype == torch.int64 and 0 <= k.min() and k.max() <= 999
     logit = torch.logit((k.float() + 0.5) / 1000)
     assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+    # shifted (the demo's opt-in): logit(t) ~ N(time_mean, time_std), t = 1 is noise
+    dd = DiffDecoder(replace(OFFICIAL_TINY, time_mean=0.4, time_std=0.7))
+    dd.net = _VelocityIsInput()
+    dd.loss(torch.zeros(20000, 1, 1), torch.zeros(20000, 1, 1), generator=torch.Generator().manual_seed(0))
+    logit = torch.logit((dd.net.t.float() + 0.5) / 1000)
+    assert abs(logit.mean().item() - 0.4) < 0.03 and abs(logit.std().item() - 0.7) < 0.03
 
 
 def test_training_step_gradients_reach_every_trainable_parameter():
