@@ -182,6 +182,7 @@ class GenerativeModule(L.LightningModule):
         self._skip_step = False  # this batch's optimizer and EMA step are dropped (nan_policy=skip)
         self.schedule_steps: int | None = None  # length of the lr schedule (set by configure_optimizers)
         self.schedule_decay_start = decay_start_step  # start of the linear decay (compressed with schedule_steps)
+        self._planned_schedule_steps: int | None = None  # schedule_steps before any TimeBudget decision
 
     # ------------------------------------------------------------------ subclass API
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -389,7 +390,7 @@ class GenerativeModule(L.LightningModule):
         """The run now ends at `max_steps` (callbacks.time_budget.TimeBudget): a schedule that spans the trainer's
         length follows it, the linear decay's start scaled by the same ratio; an explicit `total_steps` is kept."""
         if self.total_steps is None:
-            planned = getattr(self, "_planned_schedule_steps", None) or max_steps
+            planned = self._planned_schedule_steps or max_steps
             self.schedule_decay_start = round(self.decay_start_step * max_steps / planned)
             self.schedule_steps = max_steps
 
