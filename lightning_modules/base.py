@@ -181,7 +181,6 @@ class GenerativeModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self._skip_step = False  # this batch's optimizer and EMA step are dropped (nan_policy=skip)
         self.schedule_steps: int | None = None  # length of the lr schedule (set by configure_optimizers)
-        self.schedule_decay_start = decay_start_step  # start of the linear decay (compressed with schedule_steps)
         self._planned_schedule_steps: int | None = None  # schedule_steps before any TimeBudget decision
 
     # ------------------------------------------------------------------ subclass API
@@ -375,8 +374,8 @@ class GenerativeModule(L.LightningModule):
         sharded = any(hasattr(p, "to_local") for p in params)
         fused = not sharded and all(p.device.type in ("cuda", "cpu") for p in params)
         opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps, fused=fused)
-        self.schedule_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
-        self.schedule_decay_start, self._planned_schedule_steps = self.decay_start_step, self.schedule_steps
+        self._planned_schedule_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        self.schedule_steps = self._planned_schedule_steps
         min_ratio = self.min_lr / lr if lr > 0 else 0.0
 
         def factor(step: int) -> float:  # reads schedule_steps at every step (TimeBudget may shorten the run)
@@ -390,9 +389,15 @@ class GenerativeModule(L.LightningModule):
         """The run now ends at `max_steps` (callbacks.time_budget.TimeBudget): a schedule that spans the trainer's
         length follows it, the linear decay's start scaled by the same ratio; an explicit `total_steps` is kept."""
         if self.total_steps is None:
-            planned = self._planned_schedule_steps or max_steps
-            self.schedule_decay_start = round(self.decay_start_step * max_steps / planned)
             self.schedule_steps = max_steps
+
+    @property
+    def schedule_decay_start(self) -> int:
+        """Start of the linear decay: `decay_start_step`, scaled by the ratio by which TimeBudget shortened the run."""
+        planned, steps = self._planned_schedule_steps, self.schedule_steps
+        if not planned or not steps or steps == planned:
+            return self.decay_start_step
+        return round(self.decay_start_step * steps / planned)
 
     # ------------------------------------------------------------------ training loop hooks
     def batch_size_of(self, batch: dict[str, Tensor]) -> int:
